@@ -1,0 +1,3 @@
+from cvad.cli import app
+
+app()

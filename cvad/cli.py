@@ -1,0 +1,148 @@
+"""The ``cvad`` command line: a thin adapter that prints progress and writes records."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from cvad.backbones.weights import RandomWeightsWarning, WeightsError
+from cvad.config import ConfigError, load_config
+from cvad.data.base import DatasetError
+from cvad.registry import UnknownNameError
+
+cli = typer.Typer(
+    help="cvad: choose an anomaly detector for an edge camera that keeps learning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+USER_ERRORS = (ConfigError, DatasetError, WeightsError, UnknownNameError, FileNotFoundError)
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "  -  " if value is None else f"{value:.{digits}f}"
+
+
+class ProgressPrinter:
+    """Prints one line per training step and evaluation, with elapsed time."""
+
+    def __init__(self, total_tasks: int | None = None) -> None:
+        self.started = time.perf_counter()
+        self.total = total_tasks
+
+    def elapsed(self) -> str:
+        return f"{time.perf_counter() - self.started:7.1f}s"
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event == "data":
+            typer.echo(f"[{self.elapsed()}] {info['message']}")
+        elif event == "train_start":
+            typer.echo(f"[{self.elapsed()}] step {info['step'] + 1}: training on {info['task']} ({info['images']} images)")
+        elif event == "evaluated":
+            m = info["metrics"]
+            typer.echo(
+                f"[{self.elapsed()}]   eval {info['task']:<16} image F1 {fmt(m['image_f1'])}  AUROC {fmt(m['image_auroc'])}"
+                f"  | pixel F1 {fmt(m['pixel_f1'])}  AUROC {fmt(m['pixel_auroc'])}"
+            )
+
+
+def print_summary(result: dict) -> None:
+    tasks = result["tasks"]
+    width = max(8, max(len(t) for t in tasks) + 1)
+    typer.echo("\nPixel F1 after each step (rows) on each task (columns):")
+    typer.echo(" " * width + "".join(f"{t[:width - 1]:>{width}}" for t in tasks))
+    for t, row in zip(tasks, result["matrices"]["pixel_f1"]):
+        if any(v is not None for v in row):
+            typer.echo(f"{t[:width - 1]:<{width}}" + "".join(f"{fmt(v):>{width}}" for v in row))
+    final, eff, w = result["final"], result["efficiency"], result["weights"]
+    typer.echo("\nFinal (average over all tasks after the last step):")
+    typer.echo(f"  image F1 {fmt(final['image_f1'])}   image ROC-AUC {fmt(final['image_auroc'])}")
+    typer.echo(f"  pixel F1 {fmt(final['pixel_f1'])}   pixel ROC-AUC {fmt(final['pixel_auroc'])}")
+    typer.echo(f"  forgetting (pixel F1) {fmt(final['forgetting_pixel_f1'])}")
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in eff["memory_breakdown_mb"].items())
+    typer.echo(f"  memory {eff['memory_mb']:.2f} MB ({parts})")
+    latency = "not measured" if eff["latency_ms"] is None else f"{eff['latency_ms']:.1f} ms/image on {eff['latency_device']}"
+    typer.echo(f"  {eff['gflops']:.3f} GFLOPs/image (1 multiply-add = 1 FLOP), latency {latency}")
+    if not w["pretrained"]:
+        typer.secho("  WEIGHTS: RANDOM (untrained backbone) - these figures do not reflect a pretrained model", fg=typer.colors.RED)
+    else:
+        typer.echo(f"  weights: {w['source']}")
+
+
+@cli.command()
+def run(
+    config: Path = typer.Argument(..., help="experiment YAML (see configs/)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default runs/<config>-<time>)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a config value: --set dataset.image_size=128 (repeatable)"),
+) -> None:
+    """Run one continual experiment and write DIR/result.json."""
+    from cvad.trial import run_trial  # heavy imports only when running
+
+    try:
+        cfg = load_config(config, overrides)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    out = out or Path("runs") / f"{config.stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    typer.echo(
+        f"cvad run: {cfg.model.name} on {cfg.backbone.name} ({cfg.backbone.weights}), strategy {cfg.strategy.name}, "
+        f"dataset {cfg.dataset.name}, seed {cfg.seed} -> {out}"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RandomWeightsWarning)
+        try:
+            result = run_trial(cfg, progress=ProgressPrinter())
+        except USER_ERRORS as exc:
+            fail(str(exc))
+    for warning in caught:
+        if issubclass(warning.category, RandomWeightsWarning):
+            typer.secho(f"WARNING: {warning.message}", fg=typer.colors.RED, err=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    print_summary(result)
+    typer.echo(f"\nwrote {out / 'result.json'}")
+
+
+@cli.command("list")
+def list_choices() -> None:
+    """List the registered models, backbones and datasets."""
+    from cvad.backbones import BACKBONES
+    from cvad.models import METHODS
+
+    typer.echo("models:    " + ", ".join(METHODS.names()))
+    typer.echo("backbones: " + ", ".join(BACKBONES.names()))
+    typer.echo("datasets:  builtin, mvtec, visa, folder")
+
+
+def expand_set_values(argv: list[str]) -> list[str]:
+    """Let ``--set a=1 b=2`` mean ``--set a=1 --set b=2``."""
+    expanded, in_set = [], False
+    for token in argv:
+        if token == "--set":
+            in_set = True
+            expanded.append(token)
+            continue
+        if in_set and not token.startswith("-") and "=" in token and expanded[-1] != "--set":
+            expanded.append("--set")
+        in_set = in_set and not token.startswith("-")
+        expanded.append(token)
+    return expanded
+
+
+def app() -> None:
+    """Console-script entry point."""
+    cli(args=expand_set_values(sys.argv[1:]), prog_name="cvad")

@@ -1,0 +1,183 @@
+"""The experiment config: one validated record that fully determines a run.
+
+Unknown keys, unknown names and bad values are rejected with the field's dotted path,
+the value given and what is allowed. ``--set a.b=value`` overrides apply before
+validation, so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cvad.backbones import BACKBONES
+from cvad.data.builtin import BuiltinOptions
+from cvad.models import METHODS
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem, one per line."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(StrictModel):
+    name: Literal["builtin", "mvtec", "visa", "folder"] = "builtin"
+    root: Path | None = Field(None, description="dataset folder (mvtec, visa, folder)")
+    tasks: list[str] | Literal["all"] = Field("all", description="categories in task order, or 'all' in the dataset's order")
+    image_size: int = Field(224, ge=32, le=1024, description="square model input size in px")
+    batch_size: int = Field(16, ge=1)
+    builtin: BuiltinOptions = Field(default_factory=BuiltinOptions)
+    cache_dir: Path | None = Field(None, description="folder for generated built-in datasets (default $CVAD_CACHE/builtin or ~/.cache/cvad/builtin)")
+
+    @model_validator(mode="after")
+    def root_matches_name(self) -> "DatasetConfig":
+        if self.name != "builtin" and self.root is None:
+            raise ValueError(f"dataset.root is required for dataset '{self.name}': give the folder that holds its categories")
+        if self.name == "builtin" and self.root is not None:
+            raise ValueError("dataset.root is not used by the built-in dataset; use dataset.cache_dir to move its cache")
+        if isinstance(self.tasks, list) and len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"dataset.tasks lists a category twice: {self.tasks}")
+        if isinstance(self.tasks, list) and not self.tasks:
+            raise ValueError("dataset.tasks is empty; list at least one category or use 'all'")
+        return self
+
+
+class BackboneConfig(StrictModel):
+    name: str = "mobilenetv2_100"
+    weights: str = Field("imagenet", description="'imagenet', 'random' (explicitly untrained) or a checkpoint path")
+
+    @field_validator("name")
+    @classmethod
+    def known_backbone(cls, name: str) -> str:
+        if name not in BACKBONES:
+            raise ValueError(BACKBONES.unknown_message(name))
+        return name
+
+
+class ModelConfig(StrictModel):
+    name: str = "padim"
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's own parameters")
+
+    @field_validator("name")
+    @classmethod
+    def known_model(cls, name: str) -> str:
+        if name not in METHODS:
+            raise ValueError(METHODS.unknown_message(name))
+        return name
+
+
+class StrategyConfig(StrictModel):
+    name: Literal["finetune", "replay", "joint"] = "finetune"
+    replay_size: int | None = Field(None, ge=1, description="images in the replay buffer (replay only)")
+
+    @model_validator(mode="after")
+    def replay_size_only_for_replay(self) -> "StrategyConfig":
+        if self.name == "replay" and self.replay_size is None:
+            raise ValueError("strategy 'replay' needs strategy.replay_size (e.g. 40 or 100 images)")
+        if self.name != "replay" and self.replay_size is not None:
+            raise ValueError(f"strategy.replay_size applies only to strategy 'replay', not '{self.name}'")
+        return self
+
+
+class RunConfig(StrictModel):
+    """One experiment: data, task order, model, backbone, strategy and seed."""
+
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    measure_latency: bool = True
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def describe_errors(error: ValidationError, prefix: str = "") -> list[str]:
+    """One readable line per problem: dotted field path, what is wrong, the value given."""
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "")
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+            parent = item["loc"][:-1]
+            allowed = allowed_keys(parent, prefix)
+            if allowed:
+                message += f"; allowed keys here: {', '.join(allowed)}"
+        elif item["type"] != "value_error" or "input" in item:
+            message += f" (got {item.get('input')!r})"
+        lines.append(f"{path or '<config>'}: {message}")
+    return lines
+
+
+def allowed_keys(loc: tuple, prefix: str) -> list[str]:
+    """Field names of the config section at ``loc``; empty if it cannot be resolved."""
+    model: type[BaseModel] | None = RunConfig
+    if prefix:  # model.params of a method: loc is inside that method's Params
+        return []
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model else None
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(model.model_fields) if model else []
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``a.b.c=value`` strings onto a nested dict; values are parsed as YAML (numbers, lists, null)."""
+    result = dict(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value with a dotted key, e.g. dataset.image_size=128")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = value
+    return result
+
+
+def validate_config(raw: dict) -> RunConfig:
+    """A RunConfig with the method's parameters validated and their defaults filled in."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections (dataset, backbone, model, strategy...), got {type(raw).__name__}")
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(describe_errors(exc))) from None
+    method = METHODS.get(config.model.name)
+    try:
+        params = method.Params.model_validate(config.model.params)
+    except ValidationError as exc:
+        lines = describe_errors(exc, prefix="model.params")
+        allowed = ", ".join(method.Params.model_fields)
+        lines = [line + (f"; {method.name} takes: {allowed}" if "unknown key" in line else "") for line in lines]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+    model = config.model.model_copy(update={"params": params.model_dump(mode="json")})
+    return config.model_copy(update={"model": model})
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return validate_config(apply_overrides(raw, overrides or []))

@@ -1,0 +1,141 @@
+"""The class-incremental protocol (methods.md section 1).
+
+Tasks arrive in order; a strategy decides what the method trains on at each step;
+after each step the method is evaluated on every task seen so far, filling the
+task x task matrices R[t][j] (metric on task j after step t; None where j was not
+yet seen or not evaluated).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+
+from cvad.data.base import CategorySplit, ImageDataset
+from cvad.metrics import ImageMetrics, PixelMetrics
+from cvad.models.base import AnomalyModel, ImageBatches, Task
+from cvad.continual.replay import ReplayBuffer
+
+METRICS = ("image_f1", "image_auroc", "pixel_f1", "pixel_auroc", "routing_accuracy")
+StrategyName = Literal["finetune", "replay", "joint"]
+ProgressCallback = Callable[[str, dict], None]
+
+
+@dataclass
+class StepRecord:
+    """What happened at one training step of the stream."""
+
+    step: int
+    trained_on: str
+    train_images: int
+    train_seconds: float
+    eval_seconds: float
+    replay_per_task: list[int] | None = None
+
+
+@dataclass
+class ProtocolResult:
+    tasks: list[str]
+    matrices: dict[str, list[list[float | None]]]
+    steps: list[StepRecord] = field(default_factory=list)
+    replay: ReplayBuffer | None = None
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    image_size: int
+    batch_size: int
+    device: str
+    seed: int
+
+
+def train_batches(dataset, settings: LoaderSettings, step: int) -> ImageBatches:
+    """Shuffled (seeded per step) batches of a task's training images."""
+    generator = torch.Generator().manual_seed(settings.seed * 1000 + step)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)
+    return ImageBatches(loader, settings.device)
+
+
+@torch.inference_mode()
+def evaluate(model: AnomalyModel, split: CategorySplit, settings: LoaderSettings, task_index: int | None = None) -> dict[str, float | None]:
+    """Image and pixel metrics of ``model`` on one task's test set; pixel ones None without masks.
+
+    With ``task_index``, a method that routes images to tasks also gets ``routing_accuracy``.
+    """
+    loader = DataLoader(ImageDataset(split.test, settings.image_size), batch_size=settings.batch_size)
+    image_metrics, pixel_metrics = ImageMetrics(), PixelMetrics()
+    routed_right = routed = 0
+    for batch in loader:
+        images = batch["image"].to(settings.device).float().div_(255.0)
+        output = model(images)
+        image_metrics.update(output.image_scores.cpu(), batch["label"])
+        if split.has_masks:
+            pixel_metrics.update(output.anomaly_maps.cpu(), batch["mask"])
+        if task_index is not None and model.routed_tasks is not None:
+            routed_right += int((model.routed_tasks.cpu() == task_index).sum())
+            routed += len(images)
+    result = image_metrics.compute()
+    result.update(pixel_metrics.compute() if split.has_masks else {"pixel_f1": None, "pixel_auroc": None})
+    result["routing_accuracy"] = routed_right / routed if routed else None
+    return result
+
+
+def run_continual(
+    model: AnomalyModel,
+    splits: list[CategorySplit],
+    *,
+    strategy: StrategyName,
+    settings: LoaderSettings,
+    replay_size: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> ProtocolResult:
+    """Train ``model`` along the stream under ``strategy`` and evaluate after each step."""
+    notify = progress or (lambda event, info: None)
+    names = [s.name for s in splits]
+    T = len(splits)
+    matrices = {m: [[None] * T for _ in range(T)] for m in METRICS}
+    result = ProtocolResult(tasks=names, matrices=matrices)
+    train_sets = [ImageDataset(s.train, settings.image_size) for s in splits]
+    if strategy == "replay":
+        if not replay_size:
+            raise ValueError("strategy 'replay' needs replay_size >= 1")
+        result.replay = ReplayBuffer(replay_size, settings.image_size, settings.seed)
+
+    # A joint step trains once on every task and is recorded as the last row.
+    steps = [(T - 1, list(range(T)))] if strategy == "joint" else [(t, [t]) for t in range(T)]
+    for row, task_ids in steps:
+        dataset = ConcatDataset([train_sets[i] for i in task_ids])
+        if result.replay is not None and len(result.replay):
+            dataset = ConcatDataset([dataset, result.replay])
+        label = "+".join(names[i] for i in task_ids)
+        notify("train_start", {"step": row, "task": label, "images": len(dataset)})
+        started = time.perf_counter()
+        model.train()
+        model.fit_task(Task(index=row, name=label, train=train_batches(dataset, settings, row)))
+        model.eval()
+        trained = time.perf_counter() - started
+        if result.replay is not None:
+            result.replay.add_task(train_sets[row])
+
+        started = time.perf_counter()
+        for j in range(row + 1):
+            # A joint step learns all tasks as one, so there is no task identity to route to.
+            scores = evaluate(model, splits[j], settings, task_index=None if strategy == "joint" else j)
+            for metric in METRICS:
+                matrices[metric][row][j] = scores[metric]
+            notify("evaluated", {"step": row, "task": names[j], "metrics": scores})
+        record = StepRecord(
+            step=row,
+            trained_on=label,
+            train_images=len(dataset),
+            train_seconds=trained,
+            eval_seconds=time.perf_counter() - started,
+            replay_per_task=result.replay.counts() if result.replay is not None else None,
+        )
+        result.steps.append(record)
+        notify("step_done", {"step": row, "record": record, "matrices": matrices})
+    return result

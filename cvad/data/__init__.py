@@ -1,0 +1,45 @@
+"""Dataset sources: built-in (generated), MVTec AD, VisA and any folder in MVTec layout."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from cvad.data.base import CategorySplit, DatasetError, ImageDataset, Sample
+
+if TYPE_CHECKING:
+    from cvad.config import DatasetConfig
+
+
+class DatasetSource(Protocol):
+    def categories(self) -> list[str]: ...
+
+    def load(self, category: str) -> CategorySplit: ...
+
+
+def open_dataset(config: "DatasetConfig", progress: Callable[[str], None] | None = None) -> DatasetSource:
+    """The source a dataset config names (the built-in one is generated on first use)."""
+    if config.name == "builtin":
+        from cvad.data.builtin import BuiltinDataset
+
+        return BuiltinDataset(config.builtin, cache_dir=config.cache_dir, progress=progress)
+    if config.name == "visa":
+        from cvad.data.visa import VisA
+
+        return VisA(config.root)
+    from cvad.data.mvtec import FolderDataset, MVTecAD
+
+    return MVTecAD(config.root) if config.name == "mvtec" else FolderDataset(config.root)
+
+
+def load_task_stream(config: "DatasetConfig", progress: Callable[[str], None] | None = None) -> list[CategorySplit]:
+    """The configured categories, in task order, each checked and read."""
+    source = open_dataset(config, progress)
+    available = source.categories()
+    names = available if config.tasks == "all" else list(config.tasks)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise DatasetError(f"dataset.tasks names categories {unknown} that dataset '{config.name}' does not have; available: {', '.join(available)}")
+    return [source.load(name) for name in names]
+
+
+__all__ = ["CategorySplit", "DatasetError", "DatasetSource", "ImageDataset", "Sample", "load_task_stream", "open_dataset"]

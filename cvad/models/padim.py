@@ -1,0 +1,138 @@
+"""PaDiM and its continual variants (methods.md section 5).
+
+One Gaussian per feature-grid position over the concatenated first three backbone
+levels. ``covariance`` picks full PaDiM or PaDiM-Lite (diagonal); ``continual`` picks
+how a new task meets the stored statistics:
+
+- ``refit``: forget, fit the new task alone (plain PaDiM; the fine-tuning lower bound);
+- ``original``: uniform average of per-task estimates (the earlier CL benchmark's rule);
+- ``unimodal``: exact sample-weighted merge, one Gaussian, memory independent of T;
+- ``multimodal``: one Gaussian per task, score = min over tasks, memory grows with T.
+
+Stored state, float32: per mode the count, the mean, and for full covariance the
+whitening factor W = L^-1, L L^T = sample covariance + eps I. W is what scoring needs
+(distance = ||W (x - mu)||, one matrix-vector product per position) and, inverted,
+gives back the covariance that later merges need (relative error ~1e-7, tested).
+Lite stores the sample variance; eps is added when scoring.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from cvad.backbones import FeatureExtractor, stages_at_strides
+from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Task
+from cvad.models.components.gaussian import (
+    GaussianAccumulator,
+    GaussianStats,
+    mahalanobis_diagonal,
+    mahalanobis_full,
+    stats_from_whitening,
+    uniform_average,
+    whitening_factor,
+)
+from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
+
+
+class PaDiMParams(MethodParams):
+    feature_strides: tuple[int, ...] = Field((4, 8, 16), min_length=1, description="backbone stages to concatenate, by stride")
+    n_features: int | None = Field(100, ge=1, description="random channel subset d (seeded); null keeps all channels")
+    covariance: Literal["full", "diagonal"] = "full"
+    continual: Literal["refit", "original", "unimodal", "multimodal"] = "refit"
+    epsilon: float = Field(0.01, gt=0)
+    blur_sigma: float = Field(4.0, gt=0)
+
+
+class PaDiM(AnomalyModel):
+    name = "padim"
+    Params = PaDiMParams
+
+    def __init__(self, params: PaDiMParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
+        super().__init__()
+        self.params = params
+        self.backbone = FeatureExtractor(backbone, stages_at_strides(backbone, params.feature_strides), weights)
+        total = sum(self.backbone.channels)
+        d = total if params.n_features is None else min(params.n_features, total)
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("channel_index", torch.randperm(total, generator=generator)[:d].sort().values)
+        self.head = AnomalyMapHead(image_size, params.blur_sigma)
+        self.tasks_merged = 0  # tasks folded into the stored statistics (``original`` weights by it)
+        # Modes of the stored mixture, filled by fit_task: [K], [K, P, d], [K, P, d, d] or [K, P, d].
+        self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))
+        self.register_buffer("means", torch.zeros(0))
+        self.register_buffer("shapes", torch.zeros(0))  # whitening factors (full) or variances (diagonal)
+        self.grid: tuple[int, int] | None = None
+
+    @property
+    def diagonal(self) -> bool:
+        return self.params.covariance == "diagonal"
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> [B, P, d] patch embeddings on the finest level's grid."""
+        emb = concat_at_first_grid(self.backbone(images))
+        emb = emb.index_select(1, self.channel_index)
+        self.grid = tuple(emb.shape[-2:])
+        return emb.flatten(2).transpose(1, 2).contiguous()
+
+    @torch.no_grad()
+    def fit_task(self, task: Task) -> None:
+        acc = GaussianAccumulator(self.diagonal)
+        for images in task.train:
+            acc.add(self.embed(images))
+        new = acc.stats()
+        rule = self.params.continual
+        if rule == "refit" or self.counts.numel() == 0:
+            modes = [new]
+        elif rule == "multimodal":
+            modes = [*self.stored_modes(), new]
+        elif rule == "unimodal":
+            modes = [self.stored_modes()[0].merge(new)]
+        else:  # original: running uniform mean over tasks
+            (old,) = self.stored_modes()
+            modes = [uniform_average(old, new, self.tasks_merged)]
+        self.tasks_merged = 1 if rule == "refit" else self.tasks_merged + 1
+        self.store(modes)
+
+    def stored_modes(self) -> list[GaussianStats]:
+        """The stored statistics back as float64 GaussianStats with biased covariances."""
+        modes = []
+        for count, mean, shape in zip(self.counts.tolist(), self.means, self.shapes):
+            if self.diagonal:
+                var = shape.double() * ((count - 1) / count if count > 1 else 1.0)
+                modes.append(GaussianStats(count, mean.double(), var))
+            else:
+                modes.append(stats_from_whitening(count, mean, shape, self.params.epsilon))
+        return modes
+
+    def store(self, modes: list[GaussianStats]) -> None:
+        eps = self.params.epsilon
+        shapes = [m.unbiased_cov() if self.diagonal else whitening_factor(m, eps) for m in modes]
+        device = self.channel_index.device
+        self.counts = torch.tensor([m.count for m in modes], dtype=torch.int64, device=device)
+        self.means = torch.stack([m.mean for m in modes]).float()
+        self.shapes = torch.stack(shapes).float()
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        if self.counts.numel() == 0:
+            raise RuntimeError("PaDiM has not been fitted on any task yet")
+        x = self.embed(images)
+        distances = []
+        for mean, shape in zip(self.means, self.shapes):
+            if self.diagonal:
+                distances.append(mahalanobis_diagonal(x, mean, shape, self.params.epsilon))
+            else:
+                distances.append(mahalanobis_full(x, mean, shape))
+        patch = torch.stack(distances).amin(dim=0) if len(distances) > 1 else distances[0]
+        maps = self.head(patch.view(-1, *self.grid))
+        return AnomalyOutput(maps.flatten(1).amax(dim=1), maps)
+
+    def stored_tensors(self) -> dict[str, list[torch.Tensor]]:
+        backbone = list(self.backbone.parameters()) + list(self.backbone.buffers())
+        return {
+            "backbone": backbone,
+            "gaussians": [self.counts, self.means, self.shapes, self.channel_index],
+            "map_head": list(self.head.buffers()),
+        }

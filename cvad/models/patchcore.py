@@ -1,0 +1,150 @@
+"""PatchCore and its continual variants PatchCoreCL and PatchCoreCL++ (methods.md section 4).
+
+``continual`` chooses how banks meet a new task:
+
+- ``refit``: one bank of the latest training data (single task, or ``joint`` on all tasks);
+- ``cl``: one bank per task, total <= B, each floor(B/t); old banks re-subsampled with
+  k-center at every task; inference scores every bank and keeps the lowest image score;
+- ``cl++``: banks kept in greedy order and shrunk by truncation (prefix property); a
+  test image is routed to the task with the nearest prototype (mean deepest feature map
+  of the task's training images) and only that bank is scored.
+
+The CL variants record, for every scored image, the task they routed it to
+(``routed_tasks``), so the protocol can report routing accuracy.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from cvad.backbones import FeatureExtractor, stages_at_strides
+from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Task
+from cvad.models.components.coreset import greedy_k_center, nearest
+from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
+
+
+class PatchCoreParams(MethodParams):
+    feature_strides: tuple[int, ...] = Field((8, 16), min_length=1, description="mid-level stages, by stride")
+    continual: Literal["refit", "cl", "cl++"] = "refit"
+    bank_size: int | None = Field(10_000, ge=1, description="patch vectors kept in total (B)")
+    bank_ratio: float | None = Field(None, gt=0, le=1, description="refit only: keep this fraction of the patches instead")
+    projection_dim: int | None = Field(128, ge=1, description="random projection used only to speed up k-center")
+    num_neighbors: int = Field(9, ge=1, description="b in the image-score reweighting")
+    blur_sigma: float = Field(4.0, gt=0)
+
+    @model_validator(mode="after")
+    def one_bank_budget(self) -> "PatchCoreParams":
+        if self.bank_ratio is not None and self.continual != "refit":
+            raise ValueError("bank_ratio applies to continual 'refit' only; CL variants share a total bank_size B")
+        if self.bank_ratio is None and self.bank_size is None:
+            raise ValueError("give bank_size (a count) or bank_ratio (a fraction)")
+        return self
+
+
+class PatchCore(AnomalyModel):
+    name = "patchcore"
+    Params = PatchCoreParams
+
+    def __init__(self, params: PatchCoreParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
+        super().__init__()
+        self.params = params
+        self.seed = seed
+        self.backbone = FeatureExtractor(backbone, stages_at_strides(backbone, params.feature_strides), weights)
+        self.head = AnomalyMapHead(image_size, params.blur_sigma)
+        self.banks: list[torch.Tensor] = []  # one per task (or one), rows in greedy k-center order
+        self.prototypes: torch.Tensor | None = None  # [T, C, h, w], cl++ only
+        self.grid: tuple[int, int] | None = None
+        self.routed_tasks: torch.Tensor | None = None
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch descriptors [B, P, D] (3x3-averaged, concatenated levels) and the deepest map."""
+        maps = self.backbone(images)
+        patches = F.avg_pool2d(concat_at_first_grid(maps), kernel_size=3, stride=1, padding=1)
+        self.grid = tuple(patches.shape[-2:])
+        return patches.flatten(2).transpose(1, 2), maps[-1]
+
+    def budget(self, tasks: int, patches: int) -> int:
+        if self.params.bank_ratio is not None:
+            return max(1, int(self.params.bank_ratio * patches))
+        return self.params.bank_size // tasks
+
+    @torch.no_grad()
+    def fit_task(self, task: Task) -> None:
+        descriptors, deep_sum, images = [], None, 0
+        for batch in task.train:
+            patches, deep = self.features(batch)
+            descriptors.append(patches.reshape(-1, patches.shape[-1]))
+            deep_sum = deep.sum(0) if deep_sum is None else deep_sum + deep.sum(0)
+            images += batch.shape[0]
+        pool = torch.cat(descriptors)
+        seed = self.seed * 1000 + task.index
+        mode = self.params.continual
+        if mode == "refit":
+            size = self.budget(1, len(pool))
+            self.banks = [pool[greedy_k_center(pool, size, seed=seed, projection_dim=self.params.projection_dim)]]
+            return
+        per_task = self.budget(len(self.banks) + 1, len(pool))
+        if per_task < 1:
+            raise ValueError(f"bank_size {self.params.bank_size} leaves no room for task {len(self.banks) + 1}")
+        if mode == "cl":
+            self.banks = [
+                bank[greedy_k_center(bank, per_task, seed=seed + i, projection_dim=self.params.projection_dim)]
+                for i, bank in enumerate(self.banks)
+            ]
+        else:  # cl++: the greedy order makes truncation a k-center reduction
+            self.banks = [bank[:per_task] for bank in self.banks]
+            prototype = (deep_sum / images).unsqueeze(0)
+            self.prototypes = prototype if self.prototypes is None else torch.cat([self.prototypes, prototype])
+        self.banks.append(pool[greedy_k_center(pool, per_task, seed=seed, projection_dim=self.params.projection_dim)])
+
+    def score_bank(self, patches: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch scores [B, P] and reweighted image scores [B] of patches against one bank."""
+        b, p, d = patches.shape
+        dist, index = nearest(patches.reshape(-1, d), bank)
+        patch_scores = dist.view(b, p)
+        worst = patch_scores.argmax(dim=1)
+        worst_feature = patches[torch.arange(b), worst]  # m*
+        worst_score = patch_scores[torch.arange(b), worst]  # s*
+        nearest_entry = bank[index.view(b, p)[torch.arange(b), worst]]  # m_hat
+        k = min(self.params.num_neighbors, bank.shape[0])
+        # N_b(m_hat): the b bank entries closest to m_hat (m_hat itself first, at distance 0).
+        support = torch.cdist(nearest_entry, bank).topk(k, largest=False).indices
+        support_dist = (worst_feature.unsqueeze(1) - bank[support]).norm(dim=-1)
+        weight = 1 - torch.softmax(support_dist, dim=1)[:, 0]
+        return patch_scores, weight * worst_score
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        if not self.banks:
+            raise RuntimeError("PatchCore has not been fitted on any task yet")
+        patches, deep = self.features(images)
+        mode = self.params.continual
+        if mode == "cl++":
+            routes = torch.cdist(deep.flatten(1), self.prototypes.flatten(1)).argmin(dim=1)
+            patch_scores = patches.new_empty(patches.shape[:2])
+            image_scores = patches.new_empty(patches.shape[0])
+            for t in routes.unique().tolist():
+                rows = (routes == t).nonzero().flatten()
+                patch_scores[rows], image_scores[rows] = self.score_bank(patches[rows], self.banks[t])
+        else:
+            scored = [self.score_bank(patches, bank) for bank in self.banks]
+            all_images = torch.stack([s[1] for s in scored])  # [K, B]
+            routes = all_images.argmin(dim=0)
+            image_scores = all_images.gather(0, routes.unsqueeze(0)).squeeze(0)
+            patch_scores = torch.stack([s[0] for s in scored])[routes, torch.arange(len(routes))]
+        self.routed_tasks = routes if mode != "refit" else None
+        maps = self.head(patch_scores.view(-1, *self.grid))
+        return AnomalyOutput(image_scores, maps)
+
+    def stored_tensors(self) -> dict[str, list[torch.Tensor]]:
+        parts = {
+            "backbone": list(self.backbone.parameters()) + list(self.backbone.buffers()),
+            "memory_bank": list(self.banks),
+            "map_head": list(self.head.buffers()),
+        }
+        if self.prototypes is not None:
+            parts["prototypes"] = [self.prototypes]
+        return parts

@@ -1,0 +1,318 @@
+"""The MVTec-layout and VisA readers on tiny trees in the real layouts, and their errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cvad.data.base import DatasetError, ImageDataset
+from cvad.data.mvtec import FolderDataset, MVTecAD
+from cvad.data.presets import MVTEC_AD_CATEGORIES, VISA_CATEGORIES
+from cvad.data.visa import VisA
+
+from layouts import VISA_MASK_CLASS_IDS, defect_box, make_mvtec_tree, make_visa_tree
+
+
+def rewrite_split_csv(root: Path, edit) -> Path:
+    """Apply ``edit`` to the list of lines of VisA's split file; returns the file's path."""
+    split_csv = root / "split_csv" / "1cls.csv"
+    lines = split_csv.read_text().splitlines()
+    split_csv.write_text("\n".join(edit(lines)) + "\n")
+    return split_csv
+
+
+def with_field(line: str, column: str, value: str) -> str:
+    """A split-file line with one column replaced (no quoting needed for VisA's plain values)."""
+    fields = line.split(",")
+    fields[("object", "split", "label", "image", "mask").index(column)] = value
+    return ",".join(fields)
+
+
+def line_of(split_csv: Path, fragment: str) -> int:
+    """1-based line number of the first line of ``split_csv`` containing ``fragment``."""
+    return next(n for n, line in enumerate(split_csv.read_text().splitlines(), 1) if fragment in line)
+
+
+# --- presets -----------------------------------------------------------------------------
+
+
+def test_presets_list_the_published_categories() -> None:
+    assert len(MVTEC_AD_CATEGORIES) == 15 and list(MVTEC_AD_CATEGORIES) == sorted(MVTEC_AD_CATEGORIES)
+    assert len(VISA_CATEGORIES) == 12 and list(VISA_CATEGORIES) == sorted(VISA_CATEGORIES)
+    assert {"metal_nut", "toothbrush", "zipper"} <= set(MVTEC_AD_CATEGORIES)
+    assert {"macaroni1", "macaroni2", "pipe_fryum"} <= set(VISA_CATEGORIES)
+    assert "macaroni3" not in VISA_CATEGORIES
+
+
+# --- MVTec layout ------------------------------------------------------------------------
+
+
+def test_mvtec_reads_counts_labels_and_pairs_masks(tmp_path: Path) -> None:
+    root = make_mvtec_tree(
+        tmp_path, ("bottle", "wood"), n_train=3, n_test_good=2, defects=("crack", "hole"), n_defect=2
+    )
+    reader = MVTecAD(root)
+    assert reader.categories() == ["bottle", "wood"]  # license.txt at the root is not a category
+    split = reader.load("wood")
+    assert split.name == "wood" and split.has_masks
+    assert len(split.train) == 3 and all(
+        s.label == 0 and s.defect == "good" and s.mask is None for s in split.train
+    )
+    assert [s.image.name for s in split.train] == ["000.png", "001.png", "002.png"]
+    assert [(s.defect, s.label) for s in split.test] == [("good", 0)] * 2 + [("crack", 1)] * 2 + [
+        ("hole", 1)
+    ] * 2
+    for sample in split.test:
+        if sample.label:
+            assert (
+                sample.mask
+                == root / "wood" / "ground_truth" / sample.defect / f"{sample.image.stem}_mask.png"
+            )
+        else:
+            assert sample.mask is None
+    assert split == MVTecAD(root).load("wood")  # deterministic
+
+
+def test_mvtec_image_dataset_yields_aligned_images_and_masks(tmp_path: Path) -> None:
+    size = 32
+    root = make_mvtec_tree(tmp_path, ("grid",), n_train=1, n_test_good=1, n_defect=1, size=size)
+    split = MVTecAD(root).load("grid")  # grayscale PNGs, as the real grid category
+    good, defective = split.test
+    rows, cols = defect_box(size, size)
+    item = ImageDataset(split.test, image_size=size)[1]
+    assert item["image"].shape == (3, size, size) and item["image"].dtype == torch.uint8
+    assert item["mask"].shape == (size, size) and item["mask"].dtype == torch.bool
+    assert item["label"] == 1 and defective.label == 1
+    expected = torch.zeros(size, size, dtype=torch.bool)
+    expected[rows, cols] = True
+    assert torch.equal(item["mask"], expected)
+    assert (
+        item["image"][:, rows, cols].float().mean() < item["image"][:, 2 * size // 3 :, :].float().mean() / 3
+    )
+    resized = ImageDataset(split.test, image_size=16)
+    assert resized[1]["mask"][6, 6] and not resized[1]["mask"][14, 14]
+    assert resized[0]["label"] == 0 and not resized[0]["mask"].any() and good.mask is None
+
+
+def test_mvtec_accepts_extensions_case_insensitively_and_skips_other_files(tmp_path: Path) -> None:
+    root = make_mvtec_tree(tmp_path, ("bottle",), n_train=3)
+    train = root / "bottle" / "train" / "good"
+    (train / "001.png").rename(train / "001.PNG")
+    (train / "Thumbs.db").write_bytes(b"\0")
+    (train / ".DS_Store").write_bytes(b"\0")
+    assert [s.image.name for s in MVTecAD(root).load("bottle").train] == ["000.png", "001.PNG", "002.png"]
+
+
+def test_folder_dataset_without_ground_truth_has_no_masks(tmp_path: Path) -> None:
+    root = make_mvtec_tree(tmp_path, ("bottle", "wood"), defects=("scratch",), n_defect=2)
+    shutil.rmtree(root / "wood" / "ground_truth")
+    reader = FolderDataset(root)
+    wood, bottle = reader.load("wood"), reader.load("bottle")
+    assert not wood.has_masks and all(s.mask is None for s in wood.test)
+    assert sum(s.label for s in wood.test) == 2 and {s.defect for s in wood.test} == {"good", "scratch"}
+    assert bottle.has_masks and all((s.mask is not None) == bool(s.label) for s in bottle.test)
+    assert not ImageDataset(wood.test, image_size=8)[-1]["mask"].any()
+
+
+def _mvtec_case(tmp_path: Path, case: str) -> tuple[object, Path]:
+    """Build a broken MVTec tree; returns (what raises, path the message must name)."""
+    root = make_mvtec_tree(tmp_path / "mvtec", ("bottle",), n_defect=2)
+    bottle = root / "bottle"
+    if case == "root missing":
+        missing = tmp_path / "nowhere"
+        return lambda: MVTecAD(missing), missing
+    if case == "unknown category":
+        return lambda: MVTecAD(root).load("bottel"), root / "bottel"
+    if case == "no train/good":
+        shutil.rmtree(bottle / "train" / "good")
+        return lambda: MVTecAD(root).load("bottle"), bottle / "train" / "good"
+    if case == "empty train/good":
+        for image in (bottle / "train" / "good").iterdir():
+            image.unlink()
+        return lambda: MVTecAD(root).load("bottle"), bottle / "train" / "good"
+    if case == "no test":
+        shutil.rmtree(bottle / "test")
+        return lambda: MVTecAD(root).load("bottle"), bottle / "test"
+    if case == "orphan mask":
+        (bottle / "test" / "crack" / "001.png").unlink()
+        return lambda: MVTecAD(root).load("bottle"), bottle / "ground_truth" / "crack" / "001_mask.png"
+    if case == "mask missing (MVTecAD, no ground_truth)":
+        shutil.rmtree(bottle / "ground_truth")
+        return lambda: MVTecAD(root).load("bottle"), bottle / "test" / "crack" / "000.png"
+    if case == "mask missing (FolderDataset, partial ground_truth)":
+        (bottle / "ground_truth" / "crack" / "001_mask.png").unlink()
+        return lambda: FolderDataset(root).load("bottle"), bottle / "test" / "crack" / "001.png"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "root missing",
+        "unknown category",
+        "no train/good",
+        "empty train/good",
+        "no test",
+        "orphan mask",
+        "mask missing (MVTecAD, no ground_truth)",
+        "mask missing (FolderDataset, partial ground_truth)",
+    ],
+)
+def test_mvtec_errors_name_the_offending_path(tmp_path: Path, case: str) -> None:
+    action, path = _mvtec_case(tmp_path, case)
+    with pytest.raises(DatasetError) as error:
+        action()
+    assert str(path) in str(error.value)
+
+
+def test_mvtec_unknown_category_lists_available_ones(tmp_path: Path) -> None:
+    root = make_mvtec_tree(tmp_path, ("bottle", "wood"), n_train=1, n_test_good=1, n_defect=1)
+    with pytest.raises(DatasetError, match="available under .*: bottle, wood"):
+        MVTecAD(root).load("cable")
+
+
+def test_mvtec_missing_mask_points_to_folder_dataset(tmp_path: Path) -> None:
+    root = make_mvtec_tree(tmp_path, ("bottle",), masks=False, n_train=1, n_test_good=1, n_defect=1)
+    with pytest.raises(DatasetError, match="FolderDataset"):
+        MVTecAD(root).load("bottle")
+
+
+# --- VisA --------------------------------------------------------------------------------
+
+
+def test_visa_reads_split_file_sorted_with_masks(tmp_path: Path) -> None:
+    root = make_visa_tree(tmp_path, ("candle", "pcb1"), n_train=3, n_test_normal=2, n_anomaly=2)
+    reader = VisA(root)
+    assert reader.categories() == ["candle", "pcb1"]
+    split = reader.load("pcb1")
+    assert split.name == "pcb1" and split.has_masks
+    normal = root / "pcb1" / "Data" / "Images" / "Normal"
+    assert [s.image for s in split.train] == [normal / f"{i:04d}.JPG" for i in range(3)]
+    assert all(s.label == 0 and s.defect == "good" and s.mask is None for s in split.train)
+    assert [s.image.name for s in split.test] == ["000.JPG", "001.JPG", "0003.JPG", "0004.JPG"]
+    assert [(s.label, s.defect) for s in split.test] == [(1, "anomaly")] * 2 + [(0, "good")] * 2
+    assert [s.mask for s in split.test[:2]] == [
+        root / "pcb1" / "Data" / "Masks" / "Anomaly" / f"00{i}.png" for i in range(2)
+    ]
+    assert split == VisA(root).load("pcb1")
+
+
+def test_visa_class_id_masks_read_as_defect_pixels(tmp_path: Path) -> None:
+    size = 32
+    root = make_visa_tree(tmp_path, ("candle",), n_train=1, n_test_normal=1, n_anomaly=2, size=size)
+    split = VisA(root).load("candle")
+    with Image.open(split.test[1].mask) as mask_file:  # the second anomaly's mask uses class id 2
+        assert set(np.unique(np.asarray(mask_file)).tolist()) == {0, VISA_MASK_CLASS_IDS[1]}
+    with Image.open(split.test[0].image) as image_file:
+        assert image_file.size == (size + size // 2, size)  # landscape, as VisA images
+    dataset = ImageDataset(split.test, image_size=16)
+    for index in (0, 1):
+        item = dataset[index]
+        assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.uint8
+        assert item["mask"].dtype == torch.bool and item["label"] == 1
+        # the defect box covers rows 4..7 and columns 4..7 after resizing to 16x16
+        assert item["mask"][4:8, 4:8].all() and item["mask"].sum() == 16
+    assert not dataset[2]["mask"].any() and dataset[2]["label"] == 0
+
+
+def test_visa_accepts_other_split_file(tmp_path: Path) -> None:
+    root = make_visa_tree(tmp_path, ("candle", "pcb1"), n_train=1, n_test_normal=1, n_anomaly=1)
+    lines = (root / "split_csv" / "1cls.csv").read_text().splitlines()
+    only_candle = tmp_path / "candle_only.csv"
+    only_candle.write_text(
+        "\n".join([lines[0]] + [line for line in lines[1:] if line.startswith("candle,")]) + "\n"
+    )
+    assert VisA(root, split_csv=only_candle).categories() == ["candle"]
+
+
+def _visa_case(tmp_path: Path, case: str) -> tuple[object, list[str]]:
+    """Build a broken VisA tree; returns (what raises, fragments the message must contain)."""
+    root = make_visa_tree(tmp_path / "visa", ("candle", "pcb1"), n_train=2, n_test_normal=1, n_anomaly=2)
+    split_csv = root / "split_csv" / "1cls.csv"
+    candle = root / "candle" / "Data"
+    if case == "root missing":
+        return lambda: VisA(tmp_path / "nowhere"), [str(tmp_path / "nowhere")]
+    if case == "split csv missing":
+        split_csv.unlink()
+        return lambda: VisA(root), [str(split_csv)]
+    if case == "bad header":
+        rewrite_split_csv(root, lambda lines: ["object,split,label,image,mask_path"] + lines[1:])
+        return lambda: VisA(root), [str(split_csv), "object,split,label,image,mask"]
+    if case == "empty split csv":
+        split_csv.write_text("")
+        return lambda: VisA(root), [str(split_csv), "object,split,label,image,mask"]
+    if case == "image file missing":
+        image = candle / "Images" / "Anomaly" / "001.JPG"
+        image.unlink()
+        return lambda: VisA(root).load("candle"), [
+            str(split_csv),
+            f"line {line_of(split_csv, 'candle/Data/Images/Anomaly/001.JPG')}",
+            str(image),
+        ]
+    if case == "mask file missing":
+        mask = candle / "Masks" / "Anomaly" / "000.png"
+        mask.unlink()
+        return lambda: VisA(root).load("candle"), [
+            str(split_csv),
+            f"line {line_of(split_csv, 'candle/Data/Masks/Anomaly/000.png')}",
+            str(mask),
+        ]
+    if case == "anomaly without mask":
+        rewrite_split_csv(
+            root, lambda lines: [line.replace(",candle/Data/Masks/Anomaly/000.png", ",") for line in lines]
+        )
+        return lambda: VisA(root).load("candle"), [
+            str(split_csv),
+            f"line {line_of(split_csv, 'candle/Data/Images/Anomaly/000.JPG')}",
+        ]
+    if case == "no train rows":
+        rewrite_split_csv(root, lambda lines: [line.replace("pcb1,train,", "pcb1,test,") for line in lines])
+        return lambda: VisA(root).load("pcb1"), [str(split_csv), "'pcb1'", "no train rows"]
+    if case == "anomaly in train":
+        rewrite_split_csv(
+            root,
+            lambda lines: [line.replace("candle,test,anomaly", "candle,train,anomaly") for line in lines],
+        )
+        return lambda: VisA(root).load("candle"), [
+            str(split_csv),
+            str(candle / "Images" / "Anomaly" / "000.JPG"),
+        ]
+    if case == "unknown label":
+        rewrite_split_csv(root, lambda lines: lines[:1] + [with_field(lines[1], "label", "good")] + lines[2:])
+        return lambda: VisA(root), [str(split_csv), "line 2", "'good'", "normal, anomaly"]
+    if case == "unknown split":
+        rewrite_split_csv(root, lambda lines: lines[:1] + [with_field(lines[1], "split", "val")] + lines[2:])
+        return lambda: VisA(root), [str(split_csv), "line 2", "'val'", "train, test"]
+    if case == "unknown category":
+        return lambda: VisA(root).load("macaroni3"), [str(split_csv), "macaroni3", "candle, pcb1"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "root missing",
+        "split csv missing",
+        "bad header",
+        "empty split csv",
+        "image file missing",
+        "mask file missing",
+        "anomaly without mask",
+        "no train rows",
+        "anomaly in train",
+        "unknown label",
+        "unknown split",
+        "unknown category",
+    ],
+)
+def test_visa_errors_name_the_offending_path(tmp_path: Path, case: str) -> None:
+    action, fragments = _visa_case(tmp_path, case)
+    with pytest.raises(DatasetError) as error:
+        action()
+    for fragment in fragments:
+        assert fragment in str(error.value)

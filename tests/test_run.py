@@ -1,0 +1,125 @@
+"""`cvad run` end to end on tiny built-in data: the record, determinism, strategies, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cvad.config import validate_config
+from cvad.trial import run_trial
+
+TINY = {
+    "categories": ["brick", "hex_nut", "grass"],
+    "resolution": 64,
+    "train_per_category": {"brick": 8, "hex_nut": 5, "grass": 6},
+    "test_good_per_category": 3,
+    "test_defects_per_category": 4,
+}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cvad-cache")
+
+
+def tiny_config(cache_dir, **sections) -> dict:
+    raw = {
+        "dataset": {"builtin": TINY, "image_size": 64, "batch_size": 8, "cache_dir": str(cache_dir)},
+        "model": {"name": "padim", "params": {"n_features": 16}},
+        "measure_latency": False,
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+def trial(cache_dir, **sections) -> dict:
+    return run_trial(validate_config(tiny_config(cache_dir, **sections)))
+
+
+def test_cli_writes_a_complete_result(cache_dir, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps(tiny_config(cache_dir, strategy={"name": "finetune"})))
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "cvad", "run", str(config), "--out", str(out), "--set", "seed=1", "measure_latency=true"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "step 3: training on grass" in done.stdout and "pixel F1" in done.stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["tasks"] == ["brick", "hex_nut", "grass"]
+    assert result["seed"] == result["config"]["seed"] == 1
+    for name in ("image_f1", "pixel_f1", "image_auroc", "pixel_auroc"):
+        matrix = result["matrices"][name]
+        assert len(matrix) == 3 and all(len(row) == 3 for row in matrix)
+        for t in range(3):
+            assert all(v is not None for v in matrix[t][: t + 1])
+            assert all(v is None for v in matrix[t][t + 1 :])
+    assert set(result["final"]) >= {"image_f1", "pixel_f1", "image_auroc", "pixel_auroc", "forgetting_pixel_f1"}
+    assert result["final"]["forgetting_pixel_f1"] is not None
+    efficiency = result["efficiency"]
+    assert efficiency["memory_mb"] == pytest.approx(sum(efficiency["memory_breakdown_mb"].values()))
+    assert efficiency["gflops"] > 0 and efficiency["latency_ms"] > 0 and not efficiency["gflops_uncounted_ops"]
+    assert result["weights"]["kind"] == "imagenet" and result["weights"]["pretrained"]
+    assert result["cvad_version"] and result["wall_seconds"]["total"] > 0
+    assert (out / "config.yaml").exists()
+
+
+def test_same_config_and_seed_give_the_same_metrics(cache_dir):
+    a, b = trial(cache_dir), trial(cache_dir)
+    assert a["matrices"] == b["matrices"]
+    assert a["efficiency"]["memory_bytes"] == b["efficiency"]["memory_bytes"]
+
+
+def test_joint_fills_only_the_last_row(cache_dir):
+    result = trial(cache_dir, strategy={"name": "joint"})
+    matrix = result["matrices"]["pixel_f1"]
+    assert all(v is None for row in matrix[:-1] for v in row)
+    assert all(v is not None for v in matrix[-1])
+    assert result["final"]["forgetting_pixel_f1"] is None
+    assert result["steps"][0]["trained_on"] == "brick+hex_nut+grass" and result["steps"][0]["train_images"] == 19
+
+
+def test_replay_buffer_is_counted_in_memory(cache_dir):
+    result = trial(cache_dir, strategy={"name": "replay", "replay_size": 4})
+    assert result["efficiency"]["memory_bytes"]["replay_buffer"] == 4 * 3 * 64 * 64
+    assert [s["replay_per_task"] for s in result["steps"]] == [[4], [2, 2], [2, 1, 1]]
+    assert result["steps"][1]["train_images"] == 5 + 4
+
+
+def test_patchcore_cl_plus_plus_routes_built_in_tasks(cache_dir):
+    result = trial(cache_dir, model={"name": "patchcore", "params": {"continual": "cl++", "bank_size": 600}})
+    routing = result["matrices"]["routing_accuracy"][-1]
+    assert min(routing) >= 0.8  # chance is 1/3
+    assert result["efficiency"]["memory_breakdown_mb"]["prototypes"] > 0
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cvad", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_bad_config_is_a_clear_error_without_traceback(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  name: padim\n  params:\n    n_feature: 10\n")
+    done = run_cli("run", str(config), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "model.params.n_feature: unknown key" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bad_dataset_folder_is_a_clear_error(tmp_path):
+    config = tmp_path / "mvtec.yaml"
+    config.write_text(f"dataset:\n  name: mvtec\n  root: {tmp_path / 'nowhere'}\n")
+    done = run_cli("run", str(config), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert str(tmp_path / "nowhere") in done.stderr and "Traceback" not in done.stderr
+
+
+def test_help_is_useful():
+    done = run_cli("run", "--help")
+    assert done.returncode == 0 and "--set" in done.stdout and "result.json" in done.stdout

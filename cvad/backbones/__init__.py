@@ -19,6 +19,7 @@ from torch import nn
 from cvad.backbones import mcunet, phinet
 from cvad.backbones.mcunet import MCUNET_VARIANTS, build_mcunet
 from cvad.backbones.phinet import build_phinet
+from cvad.backbones.staged import StagedNetwork
 from cvad.backbones.weights import PackagedWeights, WeightsInfo, resolve_weights
 from cvad.registry import Registry
 
@@ -198,7 +199,7 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = (images - self.mean) / self.std
-        if hasattr(self.body, "forward_stages"):
+        if isinstance(self.body, StagedNetwork):
             maps = self.body.forward_stages(x)
             return [maps[i] for i in self.stages]
         return list(self.body(x))

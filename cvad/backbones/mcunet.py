@@ -29,6 +29,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from cvad.backbones.staged import StagedNetwork
+from cvad.backbones.weights import load_renamed
+
 __all__ = [
     "MCUNET_VARIANTS",
     "InvertedResidualSpec",
@@ -36,7 +39,6 @@ __all__ = [
     "MCUNetVariant",
     "build_mcunet",
     "load_reference_state_dict",
-    "load_renamed",
     "reference_key_map",
 ]
 
@@ -147,7 +149,7 @@ def split_into_stages(blocks: Sequence[InvertedResidualSpec]) -> list[list[Inver
     return stages
 
 
-class MCUNet(nn.Module):
+class MCUNet(StagedNetwork):
     """Staged MCUNet: ``stem`` (3x3 stride-2 conv) then ``stages[s]`` of inverted residual blocks.
 
     With ``num_stages`` only the first stages are built (no classifier), for feature extraction.
@@ -188,24 +190,6 @@ class MCUNet(nn.Module):
             elif isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, 0, 0.01)
                 nn.init.zeros_(module.bias)
-
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature map at the end of every built stage, shallowest first."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"MCUNet expects images shaped (N, 3, H, W), got {tuple(x.shape)}")
-        x = self.stem(x)
-        maps = []
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)
-        return maps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """ImageNet logits; only the full network (``num_stages=None``) has a classifier."""
-        if self.classifier is None:
-            raise RuntimeError(f"this MCUNet was built with num_stages={len(self.stages)} and has no classifier; call forward_stages()")
-        features = self.forward_stages(x)[-1]
-        return self.classifier(features.mean(dim=(2, 3)))
 
 
 def build_mcunet(variant: str = "mcunet-in3", **kwargs) -> MCUNet:
@@ -249,24 +233,3 @@ def load_reference_state_dict(model: MCUNet, state_dict: Mapping[str, torch.Tens
     ``num_batches_tracked`` counters may be absent (older PyTorch checkpoints).
     """
     load_renamed(model, state_dict, reference_key_map(model), truncated=model.classifier is None, origin="MCUNet checkpoint")
-
-
-def load_renamed(model: nn.Module, state_dict: Mapping[str, torch.Tensor], key_map: Mapping[str, str], truncated: bool, origin: str) -> None:
-    """Load ``state_dict`` whose keys are ``key_map``'s values into the model keys ``key_map``'s keys, checking shapes."""
-    own = model.state_dict()
-    missing = [ref for ours, ref in key_map.items() if ref not in state_dict and not ours.endswith("num_batches_tracked")]
-    if missing:
-        raise KeyError(f"{origin} lacks {len(missing)} of the {len(key_map)} tensors this model needs, e.g. {missing[:3]}; is it the right variant?")
-    expected = set(key_map.values())
-    unexpected = [k for k in state_dict if k not in expected]
-    if unexpected and not truncated:
-        raise KeyError(f"{origin} has {len(unexpected)} tensors this model has no place for, e.g. {unexpected[:3]}; is it the right variant?")
-    renamed = {}
-    for ours, ref in key_map.items():
-        if ref not in state_dict:
-            continue
-        value = state_dict[ref]
-        if value.shape != own[ours].shape:
-            raise ValueError(f"{origin}: tensor {ref} has shape {tuple(value.shape)}, the model expects {tuple(own[ours].shape)} for {ours}; is it the right variant?")
-        renamed[ours] = value
-    model.load_state_dict(renamed, strict=False)

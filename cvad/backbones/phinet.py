@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvad.backbones.mcunet import load_renamed
+from cvad.backbones.staged import StagedNetwork
+from cvad.backbones.weights import load_renamed
 
 __all__ = [
     "PHINET_VARIANTS",
@@ -264,7 +265,7 @@ class PhiNetBlock(nn.Module):
         return names
 
 
-class PhiNet(nn.Module):
+class PhiNet(StagedNetwork):
     """Staged PhiNet: ``stem`` then ``stages[s]`` (a stage ends where the next block halves the resolution).
 
     With ``num_stages`` only the first stages are built (no classifier), for feature extraction.
@@ -319,24 +320,6 @@ class PhiNet(nn.Module):
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = bn_momentum
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature map at the end of every built stage, shallowest first."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"PhiNet expects images shaped (N, 3, H, W), got {tuple(x.shape)}")
-        x = self.stem(x)
-        maps = []
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)
-        return maps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """ImageNet logits; only the full network (``num_stages=None``) has a classifier."""
-        if self.classifier is None:
-            raise RuntimeError(f"this PhiNet was built with num_stages={len(self.stages)} and has no classifier; call forward_stages()")
-        features = self.forward_stages(x)[-1]
-        return self.classifier(features.mean(dim=(2, 3)))
-
 
 def build_phinet(variant: str = "phinet_1.2_0.5_6_downsampling", **kwargs) -> PhiNet:
     """A moviad PhiNet by name; ``kwargs`` go to :class:`PhiNet` (num_classes, num_stages, ...)."""
@@ -366,5 +349,5 @@ def reference_key_map(model: PhiNet) -> dict[str, str]:
 
 
 def load_reference_state_dict(model: PhiNet, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load a micromind/moviad PhiNet checkpoint into ``model`` (see :func:`cvad.backbones.mcunet.load_renamed`)."""
+    """Load a micromind/moviad PhiNet checkpoint into ``model`` (see :func:`cvad.backbones.weights.load_renamed`)."""
     load_renamed(model, state_dict, reference_key_map(model), truncated=model.classifier is None, origin="PhiNet checkpoint")

@@ -157,6 +157,27 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str) 
     model.load_state_dict(direct, strict=False)
 
 
+def load_renamed(model: nn.Module, state_dict: Mapping[str, torch.Tensor], key_map: Mapping[str, str], truncated: bool, origin: str) -> None:
+    """Load ``state_dict`` whose keys are ``key_map``'s values into the model keys ``key_map``'s keys, checking shapes."""
+    own = model.state_dict()
+    missing = [ref for ours, ref in key_map.items() if ref not in state_dict and not ours.endswith("num_batches_tracked")]
+    if missing:
+        raise KeyError(f"{origin} lacks {len(missing)} of the {len(key_map)} tensors this model needs, e.g. {missing[:3]}; is it the right variant?")
+    expected = set(key_map.values())
+    unexpected = [k for k in state_dict if k not in expected]
+    if unexpected and not truncated:
+        raise KeyError(f"{origin} has {len(unexpected)} tensors this model has no place for, e.g. {unexpected[:3]}; is it the right variant?")
+    renamed = {}
+    for ours, ref in key_map.items():
+        if ref not in state_dict:
+            continue
+        value = state_dict[ref]
+        if value.shape != own[ours].shape:
+            raise ValueError(f"{origin}: tensor {ref} has shape {tuple(value.shape)}, the model expects {tuple(own[ours].shape)} for {ours}; is it the right variant?")
+        renamed[ours] = value
+    model.load_state_dict(renamed, strict=False)
+
+
 def load_timm_hub(model: nn.Module, hub_id: str, allow_download: bool) -> str | None:
     """Load timm's pretrained weights from the HF cache, or download them when allowed."""
     try:

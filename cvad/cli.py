@@ -89,7 +89,10 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default runs/<config>-<time>)"),
     overrides: list[str] = typer.Option([], "--set", help="override a config value: --set dataset.image_size=128 (repeatable)"),
 ) -> None:
-    """Run one continual experiment and write DIR/result.json."""
+    """Run one continual experiment and write DIR/result.json.
+
+    Example: cvad run configs/quickstart.yaml --set strategy.name=replay strategy.replay_size=40
+    """
     from cvad.trial import run_trial  # heavy imports only when running
 
     try:
@@ -123,7 +126,10 @@ def list_choices() -> None:
     from cvad.backbones import BACKBONES
     from cvad.models import METHODS
 
-    typer.echo("models:    " + ", ".join(METHODS.names()))
+    typer.echo("models (params and defaults):")
+    for name in METHODS.names():
+        defaults = METHODS.get(name).Params().model_dump(mode="json")
+        typer.echo(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in defaults.items()))
     typer.echo("backbones: " + ", ".join(BACKBONES.names()))
     typer.echo("datasets:  builtin, mvtec, visa, folder")
 

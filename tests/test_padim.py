@@ -135,3 +135,17 @@ def test_output_shapes_and_stored_memory_ordering():
 def test_scoring_before_any_task_is_an_error():
     with pytest.raises(RuntimeError, match="not been fitted"):
         padim()(torch.rand(1, 3, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("covariance", ["full", "diagonal"])
+def test_memory_accounting_matches_the_stored_tensors(covariance):
+    model = padim(covariance=covariance, continual="multimodal")
+    for t in range(2):
+        model.fit_task(image_task(t, 4, 60 * t))
+    k, p, d = 2, (SIZE // 4) ** 2, 12
+    shape_floats = p * d * d if covariance == "full" else p * d
+    expected = k * 8 + k * p * d * 4 + k * shape_floats * 4 + d * 8  # counts, means, W or var, channel index
+    report = memory_footprint(model.stored_tensors())
+    assert report.bytes_by_part["gaussians"] == expected
+    backbone = sum(t.numel() * t.element_size() for t in [*model.backbone.parameters(), *model.backbone.buffers()])
+    assert report.bytes_by_part["backbone"] == backbone

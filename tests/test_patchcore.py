@@ -104,3 +104,14 @@ def test_bank_ratio_only_for_refit():
     model = patchcore(bank_ratio=0.25, bank_size=None)
     model.fit_task(image_task(0, 4, 20))
     assert len(model.banks[0]) == int(0.25 * 4 * (SIZE // 8) ** 2)
+
+
+def test_memory_accounting_matches_banks_and_prototypes():
+    from cvad.efficiency import memory_footprint
+
+    model = patchcore(continual="cl++", bank_size=300)
+    for t in range(3):
+        model.fit_task(image_task(t, 5, 60 * t))
+    report = memory_footprint(model.stored_tensors())
+    assert report.bytes_by_part["memory_bank"] == 3 * 100 * 128 * 4  # floor(300/3) vectors of 32+96 channels
+    assert report.bytes_by_part["prototypes"] == 3 * 96 * (SIZE // 16) ** 2 * 4

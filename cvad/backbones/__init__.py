@@ -7,8 +7,8 @@ layers it needs: later stages are never built, so they are neither stored nor co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
+from functools import lru_cache, partial
 from typing import Callable
 
 import timm
@@ -114,20 +114,21 @@ register(BackboneSpec("deit_tiny_patch16_224", timm_name="deit_tiny_patch16_224"
 register(BackboneSpec("vit_base_patch16_224", timm_name="vit_base_patch16_224", is_vit=True))
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageInfo:
-    channels: list[int] = field(default_factory=list)
-    strides: list[int] = field(default_factory=list)
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
 
 
+@lru_cache(maxsize=None)
 def stage_info(name: str) -> StageInfo:
-    """Channels and strides of every stage of a backbone, without loading weights."""
+    """Channels and strides of every stage of a backbone, without loading weights (cached)."""
     spec = BACKBONES.get(name)
     if spec.timm_name is not None:
         net = timm.create_model(spec.timm_name, pretrained=False, features_only=True)
-        return StageInfo(list(net.feature_info.channels()), list(net.feature_info.reduction()))
+        return StageInfo(tuple(net.feature_info.channels()), tuple(net.feature_info.reduction()))
     net = spec.build_custom(num_stages=None)
-    return StageInfo(list(net.stage_channels), list(net.stage_strides))
+    return StageInfo(tuple(net.stage_channels), tuple(net.stage_strides))
 
 
 def stages_at_strides(name: str, strides: tuple[int, ...]) -> tuple[int, ...]:

@@ -47,10 +47,6 @@ class ImageBatches:
     def __len__(self) -> int:
         return len(self.loader)
 
-    @property
-    def num_images(self) -> int:
-        return len(self.loader.dataset)
-
 
 @dataclass
 class Task:

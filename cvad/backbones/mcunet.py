@@ -169,13 +169,7 @@ class MCUNet(StagedNetwork):
         built = stage_specs if num_stages is None else stage_specs[:num_stages]
         self.stem = ConvBNAct(3, stem_channels, 3, stride=2)
         self.stages = nn.ModuleList(nn.Sequential(*(InvertedResidual(spec) for spec in specs)) for specs in built)
-        self.stage_channels: list[int] = [specs[-1].out_channels for specs in built]
-        self.stage_strides: list[int] = []
-        stride = 2
-        for specs in built:
-            for spec in specs:
-                stride *= spec.stride
-            self.stage_strides.append(stride)
+        self.record_layout(built)
         self.classifier = nn.Linear(stage_specs[-1][-1].out_channels, num_classes) if num_stages is None else None
         self._init_weights()
 

@@ -308,13 +308,7 @@ class PhiNet(StagedNetwork):
         self.stages = nn.ModuleList(
             nn.Sequential(*(PhiNetBlock(spec, divisor, h_swish, block_dropout) for spec in specs)) for specs in built
         )
-        self.stage_channels: list[int] = [specs[-1].out_channels for specs in built]
-        self.stage_strides: list[int] = []
-        stride = 2
-        for specs in built:
-            for spec in specs:
-                stride *= spec.stride
-            self.stage_strides.append(stride)
+        self.record_layout(built)
         self.classifier = nn.Linear(blocks[-1].out_channels, num_classes) if num_stages is None else None
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):

@@ -13,6 +13,16 @@ class StagedNetwork(nn.Module):
     stages: nn.ModuleList
     classifier: nn.Module | None
 
+    def record_layout(self, stages: list, stem_stride: int = 2) -> None:
+        """Set ``stage_channels``/``stage_strides`` from per-stage block specs (``out_channels``, ``stride``)."""
+        self.stage_channels: list[int] = [specs[-1].out_channels for specs in stages]
+        self.stage_strides: list[int] = []
+        stride = stem_stride
+        for specs in stages:
+            for spec in specs:
+                stride *= spec.stride
+            self.stage_strides.append(stride)
+
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature map at the end of every built stage, shallowest first."""
         if x.ndim != 4 or x.shape[1] != 3:

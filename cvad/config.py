@@ -100,29 +100,27 @@ class RunConfig(StrictModel):
         return self.model_dump(mode="json")
 
 
-def describe_errors(error: ValidationError, prefix: str = "") -> list[str]:
-    """One readable line per problem: dotted field path, what is wrong, the value given."""
+def describe_errors(error: ValidationError, root: type[BaseModel], prefix: str = "") -> list[str]:
+    """One readable line per problem: dotted field path, what is wrong, the value given.
+
+    ``root`` is the model that was validated (``prefix`` its dotted place in the config).
+    """
     lines = []
     for item in error.errors():
         path = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "")
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
-            parent = item["loc"][:-1]
-            allowed = allowed_keys(parent, prefix)
-            if allowed:
-                message += f"; allowed keys here: {', '.join(allowed)}"
-        elif item["type"] != "value_error" or "input" in item:
+            allowed = allowed_keys(root, item["loc"][:-1])
+            message = "unknown key" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
+        elif not isinstance(item.get("input"), dict):  # a whole section as "value" would only be noise
             message += f" (got {item.get('input')!r})"
         lines.append(f"{path or '<config>'}: {message}")
     return lines
 
 
-def allowed_keys(loc: tuple, prefix: str) -> list[str]:
-    """Field names of the config section at ``loc``; empty if it cannot be resolved."""
-    model: type[BaseModel] | None = RunConfig
-    if prefix:  # model.params of a method: loc is inside that method's Params
-        return []
+def allowed_keys(root: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the section of ``root`` at ``loc``; empty if it cannot be resolved."""
+    model: type[BaseModel] | None = root
     for part in loc:
         field = model.model_fields.get(str(part)) if model else None
         annotation = field.annotation if field else None
@@ -158,15 +156,13 @@ def validate_config(raw: dict) -> RunConfig:
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(describe_errors(exc))) from None
+        raise ConfigError("invalid config:\n  " + "\n  ".join(describe_errors(exc, RunConfig))) from None
     method = METHODS.get(config.model.name)
     try:
         params = method.Params.model_validate(config.model.params)
     except ValidationError as exc:
-        lines = describe_errors(exc, prefix="model.params")
-        allowed = ", ".join(method.Params.model_fields)
-        lines = [line + (f"; {method.name} takes: {allowed}" if "unknown key" in line else "") for line in lines]
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+        lines = describe_errors(exc, method.Params, prefix="model.params")
+        raise ConfigError(f"invalid config for model {method.name}:\n  " + "\n  ".join(lines)) from None
     model = config.model.model_copy(update={"params": params.model_dump(mode="json")})
     return config.model_copy(update={"model": model})
 

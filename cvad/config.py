@@ -29,7 +29,9 @@ class StrictModel(BaseModel):
 class DatasetConfig(StrictModel):
     name: Literal["builtin", "mvtec", "visa", "folder"] = "builtin"
     root: Path | None = Field(None, description="dataset folder (mvtec, visa, folder)")
-    tasks: list[str] | Literal["all"] = Field("all", description="categories in task order, or 'all' in the dataset's order")
+    tasks: list[str] | Literal["all", "mvtec-ad", "visa"] = Field(
+        "all", description="categories in task order; 'all' (the dataset's order) or a benchmark preset"
+    )
     image_size: int = Field(224, ge=32, le=1024, description="square model input size in px")
     batch_size: int = Field(16, ge=1)
     builtin: BuiltinOptions = Field(default_factory=BuiltinOptions)

@@ -316,3 +316,16 @@ def test_visa_errors_name_the_offending_path(tmp_path: Path, case: str) -> None:
         action()
     for fragment in fragments:
         assert fragment in str(error.value)
+
+
+def test_task_stream_from_config_uses_presets_and_names_missing_categories(tmp_path):
+    from cvad.config import validate_config
+    from cvad.data import load_task_stream
+
+    root = make_mvtec_tree(tmp_path / "mvtec", categories=("wood", "bottle"))
+    config = validate_config({"dataset": {"name": "mvtec", "root": str(root), "tasks": ["wood", "bottle"]}})
+    assert [s.name for s in load_task_stream(config.dataset)] == ["wood", "bottle"]
+    preset = validate_config({"dataset": {"name": "mvtec", "root": str(root), "tasks": "mvtec-ad"}})
+    with pytest.raises(DatasetError) as info:
+        load_task_stream(preset.dataset)
+    assert "'cable'" in str(info.value) and str(root) in str(info.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from cvad.data.base import CategorySplit, DatasetError, ImageDataset, Sample
+from cvad.data.presets import TASK_PRESETS
 
 if TYPE_CHECKING:
     from cvad.config import DatasetConfig
@@ -35,10 +36,18 @@ def load_task_stream(config: "DatasetConfig", progress: Callable[[str], None] | 
     """The configured categories, in task order, each checked and read."""
     source = open_dataset(config, progress)
     available = source.categories()
-    names = available if config.tasks == "all" else list(config.tasks)
+    if config.tasks == "all":
+        names = available
+    elif isinstance(config.tasks, str):
+        names = list(TASK_PRESETS[config.tasks])
+    else:
+        names = list(config.tasks)
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise DatasetError(f"dataset.tasks names categories {unknown} that dataset '{config.name}' does not have; available: {', '.join(available)}")
+        raise DatasetError(
+            f"dataset.tasks names categories {unknown} that dataset '{config.name}' does not have"
+            f"{' at ' + str(config.root) if config.root else ''}; available: {', '.join(available)}"
+        )
     return [source.load(name) for name in names]
 
 

@@ -34,3 +34,6 @@ VISA_CATEGORIES: tuple[str, ...] = (
     "pcb4",
     "pipe_fryum",
 )
+
+TASK_PRESETS: dict[str, tuple[str, ...]] = {"mvtec-ad": MVTEC_AD_CATEGORIES, "visa": VISA_CATEGORIES}
+"""Named task orders for ``dataset.tasks``: the full benchmark streams."""

@@ -88,6 +88,7 @@ def run(
     config: Path = typer.Argument(..., help="experiment YAML (see configs/)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default runs/<config>-<time>)"),
     overrides: list[str] = typer.Option([], "--set", help="override a config value: --set dataset.image_size=128 (repeatable)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a result.json already in the output folder"),
 ) -> None:
     """Run one continual experiment and write DIR/result.json.
 
@@ -100,6 +101,8 @@ def run(
     except USER_ERRORS as exc:
         fail(str(exc))
     out = out or Path("runs") / f"{config.stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    if (out / "result.json").exists() and not overwrite:
+        fail(f"{out / 'result.json'} already holds a result; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     typer.echo(

@@ -69,6 +69,9 @@ def test_cli_writes_a_complete_result(cache_dir, tmp_path):
     assert result["weights"]["kind"] == "imagenet" and result["weights"]["pretrained"]
     assert result["cvad_version"] and result["wall_seconds"]["total"] > 0
     assert (out / "config.yaml").exists()
+    again = subprocess.run([sys.executable, "-m", "cvad", "run", str(config), "--out", str(out)], capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds a result" in again.stderr
+    assert json.loads((out / "result.json").read_text()) == result  # nothing recorded is lost
 
 
 def test_same_config_and_seed_give_the_same_metrics(cache_dir):

@@ -46,10 +46,10 @@ def greedy_k_center(features: torch.Tensor, k: int, *, seed: int, projection_dim
     start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
     chosen = torch.empty(k, dtype=torch.long)
     chosen[0] = start
-    centres = torch.empty(k, z.shape[1])
+    centres = torch.empty(k, z.shape[1], device=z.device)
     centres[0] = z[start]
     min_dist = distances(None, start)  # Euclidean distance to the nearest chosen centre
-    owner = torch.zeros(n, dtype=torch.long)  # which chosen centre (by rank) that is
+    owner = torch.zeros(n, dtype=torch.long, device=z.device)  # which chosen centre (by rank) that is
     for i in range(1, k):
         pick = int(torch.argmax(min_dist))
         chosen[i] = pick

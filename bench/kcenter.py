@@ -2,10 +2,10 @@
 
 Selects k of N descriptors (default 10,000 of 200,000, as PatchCore on a mid-size task)
 from real patch descriptors (MobileNetV2 ImageNet, stride-8 + stride-16 stages,
-3x3-averaged: 128-d, from built-in images) and, with --noise, Gaussian noise of the same
-shape (the worst case for the triangle-inequality pruning: distances concentrate). The reference, measured in the same
-run on the same data, is k plain matrix-vector products N x d: what an unpruned
-farthest-first pass costs at the least. Ratio < 1 means the pruning beats that floor.
+3x3-averaged: 128-d, from built-in images) and, with --noise, Gaussian noise of the
+same shape (the worst case for the triangle-inequality pruning: distances concentrate).
+The reference, measured in the same run on the same data, is k plain matrix-vector
+products N x d: what an unpruned farthest-first pass costs at the least. Ratio < 1 means the pruning beats that floor.
 
     python bench/kcenter.py [--n 200000] [--k 10000] [--noise]
 """

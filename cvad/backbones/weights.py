@@ -160,7 +160,7 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str) 
 def load_renamed(model: nn.Module, state_dict: Mapping[str, torch.Tensor], key_map: Mapping[str, str], truncated: bool, origin: str) -> None:
     """Load ``state_dict`` whose keys are ``key_map``'s values into the model keys ``key_map``'s keys, checking shapes."""
     own = model.state_dict()
-    missing = [ref for ours, ref in key_map.items() if ref not in state_dict and not ours.endswith("num_batches_tracked")]
+    missing = [ref for ours, ref in key_map.items() if ref not in state_dict and not is_step_counter(own[ours])]
     if missing:
         raise KeyError(f"{origin} lacks {len(missing)} of the {len(key_map)} tensors this model needs, e.g. {missing[:3]}; is it the right variant?")
     expected = set(key_map.values())

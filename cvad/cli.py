@@ -52,6 +52,8 @@ class ProgressPrinter:
             typer.echo(f"[{self.elapsed()}] {info['message']}")
         elif event == "train_start":
             typer.echo(f"[{self.elapsed()}] step {info['step'] + 1}: training on {info['task']} ({info['images']} images)")
+        elif event == "train_epoch":
+            typer.echo(f"[{self.elapsed()}]   epoch {info['epoch']}/{info['epochs']}  loss {info['loss']:.4f}")
         elif event == "evaluated":
             m = info["metrics"]
             typer.echo(
@@ -112,7 +114,7 @@ def run(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RandomWeightsWarning)
         try:
-            result = run_trial(cfg, progress=ProgressPrinter())
+            result = run_trial(cfg, progress=ProgressPrinter(), output_dir=out)
         except USER_ERRORS as exc:
             fail(str(exc))
     for warning in caught:
@@ -121,6 +123,93 @@ def run(
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print_summary(result)
     typer.echo(f"\nwrote {out / 'result.json'}")
+
+
+@cli.command()
+def sweep(
+    file: Path = typer.Argument(..., help="sweep YAML (see sweeps/)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a value of the sweep file: --set dataset.name=mvtec dataset.root=/data/mvtec"),
+    n_trials: Optional[int] = typer.Option(None, "--n-trials", min=1, help="finished trials the sweep should reach (default: the file's, or the whole grid)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the trials a grid would run (or the space) and exit"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted sweep: finished trials are not run again"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in --store)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: CVAD_STUDY_STORAGE, else sqlite in --store)"),
+    store: Path = typer.Option(Path("runs"), "--store", help="folder of the local MLflow and Optuna databases and artifacts"),
+) -> None:
+    """Search a space of configurations: Optuna samples, Ray runs each trial, MLflow records it.
+
+    Example: cvad sweep sweeps/edge.yaml --set dataset.name=mvtec dataset.root=/data/mvtec
+    """
+    from cvad.sweep.spec import load_sweep
+
+    try:
+        spec = load_sweep(file, overrides)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    if dry_run:
+        print_sweep_plan(spec, n_trials)
+        return
+    from cvad.sweep.runner import SweepError, SweepOptions, SweepRunner
+    from cvad.tracking import TrackingError
+
+    store.mkdir(parents=True, exist_ok=True)
+    options = SweepOptions(store_dir=store, tracking_uri=tracking_uri, storage=storage, address=address, resume=resume, n_trials=n_trials)
+    try:
+        outcome = SweepRunner(spec, options, printer=typer.echo).run()
+    except (SweepError, TrackingError, *USER_ERRORS) as exc:
+        fail(str(exc))
+    typer.echo(f"\nsweep {outcome.study_name}: {outcome.completed} trial(s) completed, {outcome.failed} failed")
+    for trial in outcome.best[:10]:
+        values = ", ".join(f"{o.metric} {v:.4g}" for o, v in zip(spec.settings.objectives, trial.values))
+        typer.echo(f"  best: trial {trial.number}  {trial.user_attrs.get('label', '')}  ({values})")
+    uri = options.resolved_tracking_uri()
+    typer.echo(f"browse the runs: mlflow ui --backend-store-uri {uri}")
+    if outcome.interrupted:
+        raise typer.Exit(130)
+
+
+def print_sweep_plan(spec, n_trials: int | None) -> None:
+    import optuna
+
+    settings = spec.settings
+    objectives = ", ".join(f"{o.direction} {o.metric}" for o in settings.objectives)
+    typer.echo(f"sweep {spec.name}: sampler {settings.sampler.name}, objectives: {objectives}")
+    if settings.constraints.active:
+        typer.echo(f"constraints: max_mb={settings.constraints.max_mb}, max_gflops={settings.constraints.max_gflops}")
+    if spec.grid_points is None:
+        typer.echo(f"{spec.n_trials(n_trials)} trials sampled from this space:")
+        for line in describe_space(spec.space):
+            typer.echo("  " + line)
+        return
+    from cvad.sweep.runner import describe
+
+    total = len(spec.grid_points)
+    shown = min(total, spec.n_trials(n_trials))
+    typer.echo(f"grid of {total} configurations" + (f" ({shown} will run)" if shown < total else "") + ":")
+    for i, point in enumerate(spec.grid_points[:shown]):
+        typer.echo(f"  {i:4d}  {describe(spec.config_for(optuna.trial.FixedTrial(point)))}")
+
+
+def describe_space(node, indent: str = "") -> list[str]:
+    from cvad.sweep import space
+
+    if isinstance(node, space.Categorical):
+        return [f"{indent}{node.name}: one of {list(node.choices)}"]
+    if isinstance(node, space.Numeric):
+        scale = "log " if node.log else ""
+        step = f" step {node.step}" if node.step else ""
+        return [f"{indent}{node.name}: {scale}{node.kind} in [{node.low}, {node.high}]{step}"]
+    if isinstance(node, space.Alternatives):
+        lines = [f"{indent}{node.name}: one of {list(node.labels)}"]
+        for label, branch in zip(node.labels, node.branches):
+            inner = describe_space(branch, indent + "    ")
+            if inner:
+                lines += [f"{indent}  if {label}:", *inner]
+        return lines
+    if isinstance(node, space.Mapping):
+        return [line for child in node.children for line in describe_space(child, indent)]
+    return []
 
 
 @cli.command("list")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 import random
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -22,6 +23,7 @@ from cvad.data import load_task_stream
 from cvad.efficiency import count_gflops, measure_latency_ms, memory_footprint
 from cvad.metrics import final_average, forgetting
 from cvad.models import build_model
+from cvad.overlays import write_overlays
 
 RESULT_SCHEMA = 1
 Progress = Callable[[str, dict], None]
@@ -41,8 +43,12 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def run_trial(config: RunConfig, progress: Progress | None = None) -> dict:
-    """Run one continual experiment end to end and return its result record."""
+def run_trial(config: RunConfig, progress: Progress | None = None, output_dir: Path | None = None) -> dict:
+    """Run one continual experiment end to end and return its result record.
+
+    With ``output_dir``, anomaly-map overlays of each task's first defective test images
+    are written to ``output_dir/overlays`` (after the last step).
+    """
     notify = progress or (lambda event, info: None)
     started = time.perf_counter()
     seed_everything(config.seed)
@@ -77,6 +83,8 @@ def run_trial(config: RunConfig, progress: Progress | None = None) -> dict:
     memory = memory_footprint(parts)
     flops = count_gflops(model, config.dataset.image_size, device=device)
     latency = measure_latency_ms(model, config.dataset.image_size, device=device) if config.measure_latency else None
+    if output_dir is not None:
+        write_overlays(model, splits, config.dataset.image_size, device, Path(output_dir) / "overlays")
 
     matrices = stream.matrices
     final = {metric: final_average(matrices[metric]) for metric in METRICS}

@@ -115,7 +115,7 @@ def run_continual(
         notify("train_start", {"step": row, "task": label, "images": len(dataset)})
         started = time.perf_counter()
         model.train()
-        model.fit_task(Task(index=row, name=label, train=train_batches(dataset, settings, row)))
+        model.fit_task(Task(index=row, name=label, train=train_batches(dataset, settings, row), report=notify))
         model.eval()
         trained = time.perf_counter() - started
         if result.replay is not None:
@@ -137,5 +137,5 @@ def run_continual(
             replay_per_task=result.replay.counts() if result.replay is not None else None,
         )
         result.steps.append(record)
-        notify("step_done", {"step": row, "record": record, "matrices": matrices})
+        notify("step_done", {"step": row, "steps": len(steps), "tasks": names, "record": record, "matrices": matrices})
     return result

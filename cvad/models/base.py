@@ -8,7 +8,7 @@ test images with its ``forward``; efficiency accounting reads ``stored_tensors``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, NamedTuple
+from typing import Callable, ClassVar, Iterator, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -55,6 +55,8 @@ class Task:
     index: int  # 0-based position in the stream
     name: str  # category name(s); "a+b+..." for a joint step
     train: ImageBatches  # this task's normal images (plus the replay buffer, if any)
+    # Progress hook for trained methods, e.g. report("train_epoch", {"epoch": 1, "loss": 0.3}).
+    report: Callable[[str, dict], None] = lambda event, info: None
 
 
 class AnomalyModel(nn.Module):

@@ -1,0 +1,1 @@
+"""Sweeps: a search space over run configs (Optuna), executed by Ray workers, recorded in MLflow."""

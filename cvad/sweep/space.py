@@ -1,0 +1,240 @@
+"""The search space of a sweep: a tree over the run config, with conditional branches.
+
+A node at a config path (``model.params.bank_size``) is one of:
+
+- a scalar: a fixed value;
+- a list of scalars (or ``{choices: [...]}``, which also takes lists as values): a categorical parameter;
+- ``{int: [low, high]}`` / ``{float: [low, high]}`` with optional ``step`` and ``log``: a numeric parameter;
+- a list of mappings: *alternatives*; one is chosen and only its own parameters are sampled,
+  so a bank size exists only in the PatchCore branch and a replay size only under replay;
+- any other mapping: nested config keys.
+
+Each sampled parameter becomes one Optuna parameter, named by its config path; parameters
+inside an alternative carry the branch label (``model[patchcore].params.bank_size``) so
+that two branches never share a name with different choices.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Union
+
+import optuna
+
+SCALARS = (str, int, float, bool, type(None))
+DISTRIBUTION_KEYS = {"int", "float", "choices"}
+
+
+class SpaceError(ValueError):
+    """A search space that cannot be sampled; the message names the node and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Fixed:
+    path: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Categorical:
+    name: str  # Optuna parameter name
+    path: str  # config path it sets
+    choices: tuple[Any, ...]
+
+    def encoded(self) -> tuple[Any, ...]:
+        """Optuna stores only scalars: list-valued choices travel as JSON text."""
+        return tuple(c if isinstance(c, SCALARS) else json.dumps(c) for c in self.choices)
+
+    def decode(self, value: Any) -> Any:
+        return self.choices[self.encoded().index(value)]
+
+
+@dataclass(frozen=True)
+class Numeric:
+    name: str
+    path: str
+    kind: str  # "int" or "float"
+    low: float
+    high: float
+    step: float | None
+    log: bool
+
+    def grid_values(self) -> list[float]:
+        if self.step is None:
+            raise SpaceError(
+                f"space.{self.path}: the grid sampler needs finite values; give '{self.kind}' a 'step' or list the choices"
+            )
+        count = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
+        values = [self.low + i * self.step for i in range(count)]
+        return [int(v) for v in values] if self.kind == "int" else [round(v, 12) for v in values]
+
+
+@dataclass(frozen=True)
+class Alternatives:
+    name: str
+    path: str
+    labels: tuple[str, ...]
+    branches: tuple["Node", ...]
+
+
+@dataclass(frozen=True)
+class Mapping:
+    path: str
+    children: tuple["Node", ...]
+
+
+Node = Union[Fixed, Categorical, Numeric, Alternatives, Mapping]
+
+
+def join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def parse_space(tree: Any, path: str = "", name: str | None = None) -> Node:
+    """Parse the ``space`` section of a sweep file.
+
+    ``name`` is the Optuna name of the node at ``path``: the path itself, with branch
+    labels inserted inside alternatives.
+    """
+    name = path if name is None else name
+    if isinstance(tree, SCALARS):
+        return Fixed(path, tree)
+    if isinstance(tree, list):
+        if not tree:
+            raise SpaceError(f"space.{path}: an empty list has nothing to choose from")
+        if all(isinstance(item, dict) for item in tree):
+            return parse_alternatives(tree, path, name)
+        if any(isinstance(item, dict) for item in tree):
+            raise SpaceError(f"space.{path}: mixes mappings (alternatives) and values (choices); use one or the other")
+        return Categorical(name, path, tuple(tree))
+    if not isinstance(tree, dict):
+        raise SpaceError(f"space.{path}: unsupported value {tree!r}")
+    if tree.keys() & DISTRIBUTION_KEYS:
+        return parse_distribution(tree, path, name)
+    return Mapping(path, parse_children(tree, path, name))
+
+
+def parse_children(tree: dict, path: str, name: str) -> tuple[Node, ...]:
+    children = []
+    for key, child in tree.items():
+        if not isinstance(key, str) or not key or "." in key:
+            raise SpaceError(f"space.{path or '<root>'}: keys must be plain config names, got {key!r}")
+        children.append(parse_space(child, join(path, key), join(name, key)))
+    return tuple(children)
+
+
+def parse_alternatives(items: list[dict], path: str, name: str) -> Alternatives:
+    names = [item.get("name") for item in items]
+    if all(isinstance(n, str) for n in names) and len(set(names)) == len(names):
+        labels = tuple(names)
+    else:
+        labels = tuple(str(i) for i in range(len(items)))
+    branches = tuple(Mapping(path, parse_children(item, path, f"{name}[{label}]")) for label, item in zip(labels, items))
+    return Alternatives(name, path, labels, branches)
+
+
+def parse_distribution(tree: dict, path: str, name: str) -> Categorical | Numeric:
+    kinds = tree.keys() & DISTRIBUTION_KEYS
+    if len(kinds) > 1:
+        raise SpaceError(f"space.{path}: give one of 'int', 'float' or 'choices', not {sorted(kinds)}")
+    (kind,) = kinds
+    extra = set(tree) - {kind, "step", "log"}
+    if extra:
+        raise SpaceError(f"space.{path}: unknown key(s) {sorted(extra)}; allowed: {kind}, step, log")
+    if kind == "choices":
+        choices = tree["choices"]
+        if set(tree) != {"choices"}:
+            raise SpaceError(f"space.{path}: 'choices' takes no step or log")
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(f"space.{path}.choices: give a non-empty list (got {choices!r})")
+        return Categorical(name, path, tuple(choices))
+    bounds = tree[kind]
+    if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)):
+        raise SpaceError(f"space.{path}.{kind}: give [low, high] (got {bounds!r})")
+    low, high = bounds
+    if kind == "int" and not all(isinstance(b, int) for b in bounds):
+        raise SpaceError(f"space.{path}.int: bounds must be integers (got {bounds!r}); use 'float' for real values")
+    if low > high:
+        raise SpaceError(f"space.{path}.{kind}: low must not exceed high (got [{low}, {high}])")
+    log, step = bool(tree.get("log", False)), tree.get("step")
+    if log and low <= 0:
+        raise SpaceError(f"space.{path}: a log scale needs low > 0 (got {low})")
+    if step is not None and (not isinstance(step, (int, float)) or step <= 0 or log):
+        raise SpaceError(f"space.{path}.step: give a positive number, and no step with log: true (got {step!r})")
+    return Numeric(name, path, kind, low, high, step, log)
+
+
+def sample(node: Node, trial: optuna.trial.BaseTrial, config: dict) -> None:
+    """Draw ``node``'s values from ``trial`` (define-by-run) and write them into ``config``."""
+    if isinstance(node, Fixed):
+        set_path(config, node.path, node.value)
+    elif isinstance(node, Categorical):
+        set_path(config, node.path, node.decode(trial.suggest_categorical(node.name, node.encoded())))
+    elif isinstance(node, Numeric):
+        if node.kind == "int":
+            step = int(node.step or 1)
+            value = trial.suggest_int(node.name, int(node.low), int(node.high), step=step, log=node.log)
+        else:
+            value = trial.suggest_float(node.name, node.low, node.high, step=node.step, log=node.log)
+        set_path(config, node.path, value)
+    elif isinstance(node, Alternatives):
+        label = trial.suggest_categorical(node.name, node.labels)
+        sample(node.branches[node.labels.index(label)], trial, config)
+    else:
+        for child in node.children:
+            sample(child, trial, config)
+
+
+def grid(node: Node) -> Iterator[dict[str, Any]]:
+    """Every point of the (conditional) product, as Optuna parameter dicts."""
+    if isinstance(node, Fixed):
+        yield {}
+    elif isinstance(node, Categorical):
+        for value in node.encoded():
+            yield {node.name: value}
+    elif isinstance(node, Numeric):
+        for value in node.grid_values():
+            yield {node.name: value}
+    elif isinstance(node, Alternatives):
+        for label, branch in zip(node.labels, node.branches):
+            for point in grid(branch):
+                yield {node.name: label, **point}
+    else:
+        for combo in itertools.product(*(list(grid(child)) for child in node.children)):
+            point: dict[str, Any] = {}
+            for part in combo:
+                point.update(part)
+            yield point
+
+
+def corners(node: Node) -> Iterator[dict[str, Any]]:
+    """The grid with numeric ranges reduced to their ends: enough to validate every branch."""
+    if isinstance(node, Numeric):
+        ends = (node.low, node.high) if node.low != node.high else (node.low,)
+        for value in ends:
+            yield {node.name: int(value) if node.kind == "int" else value}
+    elif isinstance(node, Alternatives):
+        for label, branch in zip(node.labels, node.branches):
+            for point in corners(branch):
+                yield {node.name: label, **point}
+    elif isinstance(node, Mapping):
+        for combo in itertools.product(*(list(corners(child)) for child in node.children)):
+            point: dict[str, Any] = {}
+            for part in combo:
+                point.update(part)
+            yield point
+    else:
+        yield from grid(node)
+
+
+def set_path(config: dict, path: str, value: Any) -> None:
+    node = config
+    parts = path.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[parts[-1]] = value

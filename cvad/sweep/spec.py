@@ -1,0 +1,234 @@
+"""A sweep file: fixed run settings, a search space, and how to search it.
+
+Layout (see sweeps/edge.yaml)::
+
+    sweep:            # how to search: name, sampler, objectives, constraints, resources
+    space:            # what to search (cvad.sweep.space)
+    dataset: ...      # everything else is a fixed part of every trial's run config
+    seed: 0
+
+``--set dataset.name=mvtec`` overrides apply to the whole file before validation.
+Every configuration the space can produce is validated as a run config up front, so a
+typo in one branch fails before the first trial starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cvad.config import ConfigError, RunConfig, apply_overrides, describe_errors, validate_config
+from cvad.sweep.space import Node, SpaceError, corners, grid, parse_space, sample
+
+# What an objective or constraint may name: where it lives in the result record.
+RECORD_METRICS = {
+    "image_f1": ("final", "image_f1"),
+    "image_auroc": ("final", "image_auroc"),
+    "pixel_f1": ("final", "pixel_f1"),
+    "pixel_auroc": ("final", "pixel_auroc"),
+    "forgetting_pixel_f1": ("final", "forgetting_pixel_f1"),
+    "forgetting_image_f1": ("final", "forgetting_image_f1"),
+    "memory_mb": ("efficiency", "memory_mb"),
+    "gflops": ("efficiency", "gflops"),
+    "latency_ms": ("efficiency", "latency_ms"),
+}
+MAX_VALIDATED_POINTS = 20_000
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Objective(StrictModel):
+    metric: str
+    direction: Literal["maximize", "minimize"]
+
+    @field_validator("metric")
+    @classmethod
+    def known_metric(cls, metric: str) -> str:
+        if metric not in RECORD_METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of: {', '.join(RECORD_METRICS)}")
+        return metric
+
+
+class SamplerSettings(StrictModel):
+    name: Literal["grid", "tpe", "nsga2", "random"] = "grid"
+    seed: int = 0
+    population_size: int = Field(8, ge=2, description="NSGA-II generation size")
+    startup_trials: int = Field(5, ge=1, description="TPE: random trials before modelling")
+
+
+class Resources(StrictModel):
+    cpus_per_trial: float = Field(1, gt=0, description="CPUs Ray reserves per trial (also torch's thread count)")
+    gpus_per_trial: float = Field(0, ge=0, description="GPUs Ray reserves per trial; >0 runs trials with device cuda")
+    max_concurrent: int | None = Field(None, ge=1, description="trials running at once (default: as many as fit)")
+
+
+class Constraints(StrictModel):
+    """Budgets passed to Optuna as constraints (<= 0 feasible), not filters after the fact."""
+
+    max_mb: float | None = Field(None, gt=0)
+    max_gflops: float | None = Field(None, gt=0)
+
+    def values(self, record: dict) -> list[float]:
+        eff = record["efficiency"]
+        out = []
+        if self.max_mb is not None:
+            out.append(eff["memory_mb"] - self.max_mb)
+        if self.max_gflops is not None:
+            out.append(eff["gflops"] - self.max_gflops)
+        return out
+
+    @property
+    def active(self) -> bool:
+        return self.max_mb is not None or self.max_gflops is not None
+
+
+class SweepSettings(StrictModel):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="study and MLflow experiment name")
+    sampler: SamplerSettings = Field(default_factory=SamplerSettings)
+    n_trials: int | None = Field(None, ge=1, description="trials to run (grid: default the whole grid)")
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [Objective(metric="pixel_f1", direction="maximize")], min_length=1
+    )
+    constraints: Constraints = Field(default_factory=Constraints)
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def parse_short_objectives(cls, items: Any) -> Any:
+        """Accept ``maximize pixel_f1`` as well as ``{metric: pixel_f1, direction: maximize}``."""
+        if not isinstance(items, list):
+            return items
+        parsed = []
+        for item in items:
+            if isinstance(item, str):
+                direction, _, metric = item.partition(" ")
+                parsed.append({"metric": metric.strip(), "direction": direction})
+            else:
+                parsed.append(item)
+        return parsed
+
+    @model_validator(mode="after")
+    def trials_for_sampler(self) -> "SweepSettings":
+        if self.sampler.name != "grid" and self.n_trials is None:
+            raise ValueError(f"sweep.n_trials is required for sampler '{self.sampler.name}' (only a grid has a natural end)")
+        metrics = [o.metric for o in self.objectives]
+        if len(set(metrics)) != len(metrics):
+            raise ValueError(f"sweep.objectives names a metric twice: {metrics}")
+        return self
+
+
+class SweepSpec:
+    """A validated sweep file: settings, the parsed space and the fixed run settings."""
+
+    def __init__(self, raw: dict, source: str = "<sweep>") -> None:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: a sweep file is a mapping with 'sweep', 'space' and run-config sections")
+        self.raw = copy.deepcopy(raw)
+        self.source = source
+        try:
+            self.settings = SweepSettings.model_validate(raw.get("sweep") or {})
+        except ValidationError as exc:
+            lines = describe_errors(exc, SweepSettings, prefix="sweep")
+            raise ConfigError(f"{source}: invalid sweep settings:\n  " + "\n  ".join(lines)) from None
+        try:
+            self.space: Node = parse_space(raw.get("space") or {})
+        except SpaceError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        self.fixed = {k: v for k, v in raw.items() if k not in ("sweep", "space")}
+        unknown = set(self.fixed) - set(RunConfig.model_fields)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown top-level key(s) {sorted(unknown)}; a sweep file holds 'sweep', 'space' "
+                f"and run-config sections ({', '.join(RunConfig.model_fields)})"
+            )
+        self.grid_points: list[dict] | None = None
+        if self.settings.sampler.name == "grid":
+            try:
+                self.grid_points = list(grid(self.space))
+            except SpaceError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+        self.check_configs()
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.settings.objectives]
+
+    def config_for(self, trial) -> RunConfig:
+        """The run config of an Optuna trial (or ``optuna.trial.FixedTrial``)."""
+        config = copy.deepcopy(self.fixed)
+        sample(self.space, trial, config)
+        return validate_config(config)
+
+    def check_configs(self) -> None:
+        """Validate every branch of the space (the whole grid, or the ranges' ends)."""
+        import optuna
+
+        points = self.grid_points if self.grid_points is not None else corners(self.space)
+        for count, point in enumerate(points):
+            if count >= MAX_VALIDATED_POINTS:
+                break
+            try:
+                self.config_for(optuna.trial.FixedTrial(point))
+            except ConfigError as exc:
+                chosen = ", ".join(f"{k}={v}" for k, v in point.items()) or "(no sampled parameters)"
+                raise ConfigError(f"{self.source}: the space produces an invalid run config at {chosen}:\n{exc}") from None
+
+    def n_trials(self, override: int | None = None) -> int:
+        if override is not None:
+            return override
+        if self.settings.n_trials is not None:
+            return self.settings.n_trials
+        return len(self.grid_points or [])
+
+    def stored_form(self) -> dict:
+        """What identifies the sweep for --resume: everything but the trial count."""
+        raw = copy.deepcopy(self.raw)
+        raw.get("sweep", {}).pop("n_trials", None)
+        return raw
+
+
+def metric_value(record: dict, metric: str) -> float | None:
+    section, key = RECORD_METRICS[metric]
+    value = record[section].get(key)
+    return None if value is None else float(value)
+
+
+def objective_values(spec: SweepSpec, record: dict) -> list[float]:
+    """The trial's objective values; raises ValueError if one is undefined or not finite."""
+    values = []
+    for objective in spec.settings.objectives:
+        value = metric_value(record, objective.metric)
+        if value is None or not math.isfinite(value):
+            raise ValueError(
+                f"objective {objective.metric} is {value} for this trial"
+                + (" (undefined: the dataset has no masks or one class)" if value is None else "")
+            )
+        values.append(value)
+    return values
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a sweep file is a mapping with 'sweep', 'space' and run-config sections")
+    raw = apply_overrides(raw, overrides or [])
+    if isinstance(raw.get("sweep"), dict) or raw.get("sweep") is None:
+        raw["sweep"] = {"name": path.stem, **(raw.get("sweep") or {})}  # the file's name unless it says otherwise
+    return SweepSpec(raw, source=str(path))

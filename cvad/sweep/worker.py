@@ -1,0 +1,42 @@
+"""What a Ray worker runs for one trial: ``run_trial`` plus progress forwarding.
+
+The worker never talks to MLflow or Optuna: it sends per-step metrics to the driver
+through a queue and returns the result record with its artifact files as bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from cvad.backbones.weights import RandomWeightsWarning
+from cvad.config import validate_config
+from cvad.trial import run_trial
+
+
+def run_trial_for_sweep(config: dict, number: int, events, threads: int) -> dict:
+    """Run trial ``number``; return its record, its artifact files ``{relative path: bytes}`` and the worker's host:pid.
+
+    ``events`` is a queue (``ray.util.queue.Queue`` or anything with ``put``) that receives
+    ``("step", number, info)`` after each training step of the stream.
+    """
+    torch.set_num_threads(max(1, threads))
+    run_config = validate_config(config)
+    worker = f"{os.uname().nodename}:{os.getpid()}"
+
+    def forward(event: str, info: dict) -> None:
+        if event == "step_done":
+            step = info["step"]
+            rows = {metric: matrix[step] for metric, matrix in info["matrices"].items()}
+            events.put(("step", number, {"step": step, "steps": info["steps"], "tasks": info["tasks"], "rows": rows, "worker": worker}))
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # Random weights are recorded in the result (weights.pretrained) and flagged by the driver.
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        record = run_trial(run_config, progress=forward, output_dir=Path(tmp))
+        artifacts = {p.relative_to(tmp).as_posix(): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
+    return {"record": record, "artifacts": artifacts, "worker": worker}

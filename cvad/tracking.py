@@ -1,0 +1,189 @@
+"""MLflow adapter: a sweep is a parent run, each trial a child run.
+
+Only the sweep driver talks to MLflow (workers send their progress to it), so a
+local sqlite store never sees concurrent writers and workers on other nodes need
+no access to the tracking server. Everything is logged in batches: one call per
+step, never one per metric.
+
+What a trial's run holds (the dashboard and ``cvad recommend`` read these names):
+
+- params: the flattened run config (``model.params.bank_size`` ...);
+- tags: ``cvad.sweep``, ``cvad.model``, ``cvad.backbone``, ``cvad.strategy``, ``cvad.dataset``,
+  ``cvad.weights`` (imagenet / random / a path; ``cvad.pretrained`` true|false after the run),
+  ``cvad.seed``, ``cvad.version``, ``cvad.trial`` (Optuna trial number), ``cvad.error`` if it failed;
+- metrics at step t (task index): ``image_f1``, ``image_auroc``, ``pixel_f1``, ``pixel_auroc``,
+  ``routing_accuracy`` = average over the tasks seen after step t, and ``task.<name>.<metric>``
+  for each seen task; the last step's values are the final results;
+- final metrics: ``forgetting_pixel_f1``, ``forgetting_image_f1``, ``memory_mb``, ``gflops``,
+  ``latency_ms``, ``memory_mb.<part>``, ``train_seconds``, ``eval_seconds``, ``wall_seconds``;
+- artifacts: ``result.json``, ``config.yaml``, ``matrices/<metric>.csv``, ``overlays/*.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from cvad.continual.protocol import METRICS
+
+SUMMARY_METRICS = ("forgetting_pixel_f1", "forgetting_image_f1")
+MAX_PARAMS_PER_CALL = 100
+MAX_METRICS_PER_CALL = 1000
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message says which and what to do."""
+
+
+def default_tracking_uri(store_dir: Path) -> str:
+    return f"sqlite:///{(store_dir / 'mlflow.db').resolve()}"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"a.b.c": value}; lists stay whole values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (before any trial) when an HTTP tracking server does not answer."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status != 200:
+                raise TrackingError(f"MLflow server at {uri} answered {response.status} on /health")
+    except OSError as exc:
+        raise TrackingError(
+            f"MLflow server at {uri} is unreachable ({exc}); start it (e.g. `mlflow server --host 127.0.0.1 "
+            "--port 5000`) or leave out --tracking-uri to use the local store"
+        ) from None
+
+
+def seen_averages(row: list[float | None]) -> float | None:
+    values = [v for v in row if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+class SweepTracker:
+    """Creates and fills the runs of one sweep in one experiment."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None = None) -> None:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        check_server(tracking_uri)
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {experiment!r} is deleted; restore it or choose another sweep name")
+        if found is None:
+            location = None
+            if artifact_root is not None:
+                location = (artifact_root / experiment).resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = found.experiment_id
+
+    # -- the sweep (parent) run ------------------------------------------------------------
+    def start_sweep(self, name: str, spec: dict, tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"cvad.role": "sweep", **tags})
+        run_id = run.info.run_id
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+            self.client.log_artifacts(run_id, tmp)
+        return run_id
+
+    def reopen_sweep(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def end_sweep(self, run_id: str, status: str, summary: dict[str, float]) -> None:
+        metrics = {k: v for k, v in summary.items() if v is not None}
+        self.log_metrics(run_id, metrics, step=0)
+        self.client.set_terminated(run_id, status=status)
+
+    # -- trials (child runs) -----------------------------------------------------------------
+    def start_trial(self, parent_id: str, run_name: str, config: dict, tags: dict[str, str]) -> str:
+        from mlflow.entities import Param
+
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name, tags={"mlflow.parentRunId": parent_id, "cvad.role": "trial", **tags}
+        )
+        run_id = run.info.run_id
+        params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(config).items()]
+        for start in range(0, len(params), MAX_PARAMS_PER_CALL):
+            self.client.log_batch(run_id, params=params[start : start + MAX_PARAMS_PER_CALL])
+        return run_id
+
+    def log_metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, step) for key, value in values.items() if value is not None]
+        for start in range(0, len(metrics), MAX_METRICS_PER_CALL):
+            self.client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_CALL])
+
+    def log_step(self, run_id: str, step: int, tasks: list[str], rows: dict[str, list[float | None]]) -> None:
+        """Metrics after step ``step``: averages over seen tasks and each seen task's value."""
+        values: dict[str, float | None] = {}
+        for metric in METRICS:
+            row = rows[metric]
+            values[metric] = seen_averages(row)
+            for name, value in zip(tasks, row):
+                if value is not None:
+                    values[f"task.{name}.{metric}"] = value
+        self.log_metrics(run_id, values, step)
+
+    def log_result(self, run_id: str, record: dict, artifacts: dict[str, bytes]) -> None:
+        """Final metrics, tags that need the run's outcome, and the artifacts."""
+        eff, final = record["efficiency"], record["final"]
+        last = len(record["tasks"]) - 1
+        values = {k: final.get(k) for k in SUMMARY_METRICS}
+        values.update({"memory_mb": eff["memory_mb"], "gflops": eff["gflops"], "latency_ms": eff["latency_ms"]})
+        values.update({f"memory_mb.{part}": mb for part, mb in eff["memory_breakdown_mb"].items()})
+        wall = record["wall_seconds"]
+        values.update({"train_seconds": wall["train"], "eval_seconds": wall["eval"], "wall_seconds": wall["total"]})
+        self.log_metrics(run_id, values, step=last)
+        from mlflow.entities import RunTag
+
+        weights = record["weights"]
+        self.client.log_batch(run_id, tags=[RunTag("cvad.pretrained", str(bool(weights["pretrained"])).lower())])
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            (root / "result.json").write_text(json.dumps(record, indent=1))
+            (root / "config.yaml").write_text(yaml.safe_dump(record["config"], sort_keys=False))
+            (root / "matrices").mkdir()
+            for metric, matrix in record["matrices"].items():
+                lines = ["after_step," + ",".join(record["tasks"])]
+                for name, row in zip(record["tasks"], matrix):
+                    lines.append(name + "," + ",".join("" if v is None else f"{v:.6f}" for v in row))
+                (root / "matrices" / f"{metric}.csv").write_text("\n".join(lines) + "\n")
+            for relative, data in artifacts.items():
+                path = root / relative
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            self.client.log_artifacts(run_id, tmp)
+
+    def end_trial(self, run_id: str, status: str, error: str | None = None) -> None:
+        if error is not None:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(run_id, tags=[RunTag("cvad.error", error[:4900])])
+        self.client.set_terminated(run_id, status=status)

@@ -1,0 +1,262 @@
+"""Sweeps for real: Optuna studies in sqlite, Ray workers, MLflow runs in sqlite."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from cvad.config import ConfigError
+from cvad.sweep.runner import SweepError, SweepOptions, SweepRunner
+from cvad.sweep.spec import SweepSpec, load_sweep
+
+CVAD = [sys.executable, "-m", "cvad"]
+
+
+def tiny_sweep(name: str, cache: Path, space: dict | None = None, **sweep) -> dict:
+    return {
+        "sweep": {"name": name, "objectives": ["maximize pixel_f1", "minimize memory_mb"], **sweep},
+        "dataset": {
+            "image_size": 48,
+            "batch_size": 8,
+            "cache_dir": str(cache),
+            "builtin": {
+                "categories": ["brick", "grass"],
+                "resolution": 48,
+                "train_per_category": 3,
+                "test_good_per_category": 2,
+                "test_defects_per_category": 2,
+            },
+        },
+        "measure_latency": False,
+        "space": space
+        or {
+            "strategy": [{"name": "finetune"}, {"name": "replay", "replay_size": [2]}],
+            "model": [{"name": "padim", "params": {"n_features": 8, "continual": ["unimodal", "multimodal"]}}],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("builtin-cache")
+
+
+def mlflow_runs(store: Path, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([found.experiment_id], max_results=1000)
+
+
+def study_of(store: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{store / 'optuna.db'}")
+
+
+# -- sweep files ------------------------------------------------------------------------------
+
+
+def test_conditional_grid_has_only_the_parameters_of_each_branch(cache):
+    raw = tiny_sweep(
+        "grid",
+        cache,
+        space={
+            "backbone": {"name": ["mobilenetv2_100", "mcunet_in3"]},
+            "strategy": [{"name": "finetune"}, {"name": "replay", "replay_size": [40, 100]}],
+            "model": [
+                {"name": "padim", "params": {"continual": ["unimodal", "multimodal"]}},
+                {"name": "patchcore", "params": {"continual": "cl++", "bank_size": {"int": [1000, 3000], "step": 1000}}},
+            ],
+        },
+    )
+    spec = SweepSpec(raw)
+    assert len(spec.grid_points) == 2 * 3 * (2 + 3)
+    patchcore = [p for p in spec.grid_points if p["model"] == "patchcore"]
+    assert {p["model[patchcore].params.bank_size"] for p in patchcore} == {1000, 2000, 3000}
+    assert all("model[padim].params.continual" not in p for p in patchcore)
+    finetune = [p for p in spec.grid_points if p["strategy"] == "finetune"]
+    assert all("strategy[replay].replay_size" not in p for p in finetune)
+    config = spec.config_for(optuna.trial.FixedTrial(patchcore[-1]))
+    assert config.model.params["bank_size"] == 3000 and config.strategy.replay_size == 100
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"sweep": {"name": "x", "sampler": {"name": "annealing"}}}, "sweep.sampler.name"),
+        ({"sweep": {"name": "x", "sampler": {"name": "tpe"}}}, "n_trials is required"),
+        ({"sweep": {"name": "x", "objectives": ["maximize pixel_f2"]}}, "unknown metric 'pixel_f2'"),
+        ({"datasets": {}}, "unknown top-level key(s) ['datasets']"),
+        ({"space": {"model": {"params": {"bank_size": {"int": [10, 1]}}}}}, "low must not exceed high"),
+        ({"space": {"model": {"params": {"lr": {"float": [0.001, 0.1]}}}}}, "grid sampler needs finite values"),
+        ({"space": {"model": {"params": {"lr": {"float": [0, 1], "log": True}}}}}, "log scale needs low > 0"),
+        ({"space": {"strategy": [{"name": "replay"}, "finetune"]}}, "mixes mappings"),
+        (
+            {"space": {"model": [{"name": "padim"}, {"name": "patchcore", "params": {"bank_sise": [10]}}]}},
+            "at model=patchcore, model[patchcore].params.bank_sise=10",
+        ),
+        ({"space": {"model": {"name": ["padim", "padimm"]}}}, "unknown model 'padimm'"),
+    ],
+)
+def test_invalid_sweep_files_are_rejected_with_specific_errors(cache, change, message):
+    raw = tiny_sweep("x", cache)
+    raw.update(change)
+    with pytest.raises(ConfigError) as error:
+        SweepSpec(raw, source="bad.yaml")
+    assert message in str(error.value)
+    assert "bad.yaml" in str(error.value)
+
+
+def test_branch_error_names_the_branch_and_the_bad_key(cache):
+    raw = tiny_sweep("x", cache, space={"model": [{"name": "patchcore", "params": {"bank_sise": [10]}}]})
+    with pytest.raises(ConfigError) as error:
+        SweepSpec(raw)
+    assert "model.params.bank_sise: unknown key" in str(error.value)
+
+
+def test_shipped_sweep_files_are_valid():
+    for path in sorted(Path(__file__).parents[1].joinpath("sweeps").glob("*.yaml")):
+        spec = load_sweep(path)
+        assert spec.n_trials() >= 1, path
+
+
+def test_dry_run_prints_the_grid(tmp_path, cache):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_sweep("dry", cache)))
+    out = subprocess.run([*CVAD, "sweep", str(path), "--dry-run"], capture_output=True, text=True, check=True).stdout
+    assert "grid of 4 configurations" in out
+    assert "padim continual=multimodal covariance=full mobilenetv2_100 replay 2" in out
+    assert not (tmp_path / "runs").exists()
+
+
+# -- running sweeps -----------------------------------------------------------------------------
+
+
+def run_sweep(raw: dict, store: Path, **options) -> object:
+    spec = SweepSpec(copy.deepcopy(raw))
+    return SweepRunner(spec, SweepOptions(store_dir=store, **options), printer=lambda line: None).run()
+
+
+def trial_configs(runs) -> list[str]:
+    return sorted(r.data.tags["mlflow.runName"][4:] for r in runs if r.data.tags.get("cvad.role") == "trial" and r.info.status == "FINISHED")
+
+
+def test_grid_sweep_records_every_trial_in_mlflow_and_optuna(tmp_path, cache):
+    raw = tiny_sweep("grid-run", cache)
+    outcome = run_sweep(raw, tmp_path)
+    assert (outcome.completed, outcome.failed) == (4, 0)
+    client, runs = mlflow_runs(tmp_path, "grid-run")
+    (parent,) = [r for r in runs if r.data.tags.get("cvad.role") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("cvad.role") == "trial"]
+    assert len(trials) == 4 and parent.info.status == "FINISHED"
+    study = study_of(tmp_path, "grid-run")
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4
+    assert {t.user_attrs["mlflow_run_id"] for t in complete} == {r.info.run_id for r in trials}
+    for run in trials:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["cvad.model"] == "padim" and run.data.tags["cvad.pretrained"] == "true"
+        assert run.data.params["model.params.n_features"] == "8"
+        history = client.get_metric_history(run.info.run_id, "pixel_f1")
+        assert sorted(m.step for m in history) == [0, 1]  # one point per task of the stream
+        assert {"task.brick.pixel_f1", "memory_mb", "gflops", "forgetting_pixel_f1"} <= set(run.data.metrics)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"result.json", "config.yaml", "matrices", "overlays"} <= artifacts
+        overlays = [a.path for a in client.list_artifacts(run.info.run_id, "overlays")]
+        assert len(overlays) == 4 and all(p.endswith(".png") for p in overlays)
+        trial = next(t for t in complete if t.user_attrs["mlflow_run_id"] == run.info.run_id)
+        assert trial.values[0] == pytest.approx(run.data.metrics["pixel_f1"])
+        assert trial.values[1] == pytest.approx(run.data.metrics["memory_mb"])
+    # Multimodal PaDiM stores one Gaussian per task: more memory than unimodal, as measured.
+    mb = {r.data.params["model.params.continual"]: r.data.metrics["memory_mb"] for r in trials}
+    assert mb["multimodal"] > mb["unimodal"]
+    with pytest.raises(SweepError, match="--resume"):
+        run_sweep(raw, tmp_path)
+
+
+def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path, cache):
+    raw = tiny_sweep(
+        "with-failure",
+        cache,
+        space={
+            "model": {"name": "padim", "params": {"n_features": 8}},
+            # A folder dataset whose root is missing fails inside the worker, at data loading.
+            "dataset": [{"name": "builtin"}, {"name": "folder", "root": str(tmp_path / "missing")}],
+        },
+    )
+    outcome = run_sweep(raw, tmp_path)
+    assert (outcome.completed, outcome.failed) == (1, 1)
+    _, runs = mlflow_runs(tmp_path, "with-failure")
+    status = {r.data.tags["cvad.dataset"]: r for r in runs if r.data.tags.get("cvad.role") == "trial"}
+    assert status["builtin"].info.status == "FINISHED"
+    assert status["folder"].info.status == "FAILED"
+    assert "missing" in status["folder"].data.tags["cvad.error"]
+    (failed,) = study_of(tmp_path, "with-failure").get_trials(states=(TrialState.FAIL,))
+    assert "DatasetError" in failed.user_attrs["error"]
+
+
+def test_resume_runs_each_configuration_exactly_once(tmp_path, cache):
+    raw = tiny_sweep("resumable", cache)
+    first = run_sweep(raw, tmp_path, n_trials=2)
+    assert first.completed == 2
+    with pytest.raises(SweepError, match="different sweep file"):
+        changed = copy.deepcopy(raw)
+        changed["seed"] = 1
+        run_sweep(changed, tmp_path, resume=True)
+    second = run_sweep(raw, tmp_path, resume=True)
+    assert second.completed == 4
+    again = run_sweep(raw, tmp_path, resume=True)  # nothing left: runs nothing
+    assert again.completed == 4
+    _, runs = mlflow_runs(tmp_path, "resumable")
+    configs = trial_configs(runs)
+    assert len(configs) == len(set(configs)) == 4
+
+
+def test_ctrl_c_stops_cleanly_and_resume_reruns_only_the_interrupted(tmp_path, cache):
+    raw = tiny_sweep(
+        "interrupted",
+        cache,
+        space={
+            "strategy": [{"name": "finetune"}, {"name": "replay", "replay_size": [2]}],
+            "model": [{"name": "padim", "params": {"n_features": 8, "continual": ["unimodal", "multimodal"]}}],
+        },
+        resources={"cpus_per_trial": 2},  # one trial at a time
+    )
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    store = tmp_path / "store"
+    process = subprocess.Popen(
+        [*CVAD, "sweep", str(path), "--store", str(store)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output = []
+    for line in process.stdout:  # interrupt while the second trial runs
+        output.append(line)
+        if "trial 1 started" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    output.append(process.stdout.read())
+    assert process.wait(timeout=120) == 130, "".join(output)
+    assert "--resume" in "".join(output)
+    study = study_of(store, "interrupted")
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING, TrialState.WAITING]  # the grid is queued
+    assert study.get_trials()[1].user_attrs["interrupted"] is True
+
+    outcome = run_sweep(raw, store, resume=True)
+    assert (outcome.completed, outcome.failed) == (4, 0)
+    client, runs = mlflow_runs(store, "interrupted")
+    configs = trial_configs(runs)
+    assert len(configs) == len(set(configs)) == 4
+    killed = [r for r in runs if r.info.status == "KILLED" and r.data.tags.get("cvad.role") == "trial"]
+    assert len(killed) == 1  # the interrupted attempt stays visible, marked as such

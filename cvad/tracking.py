@@ -181,9 +181,11 @@ class SweepTracker:
                 path.write_bytes(data)
             self.client.log_artifacts(run_id, tmp)
 
-    def end_trial(self, run_id: str, status: str, error: str | None = None) -> None:
+    def end_trial(self, run_id: str, status: str, error: str | None = None, details: str | None = None) -> None:
+        """Close a trial's run; a failure keeps its one-line error as a tag and the full text as error.txt."""
         if error is not None:
             from mlflow.entities import RunTag
 
             self.client.log_batch(run_id, tags=[RunTag("cvad.error", error[:4900])])
+            self.client.log_text(run_id, details or error, "error.txt")
         self.client.set_terminated(run_id, status=status)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -119,6 +118,8 @@ class SweepRunner:
         self.started = time.perf_counter()
         self.running: dict = {}  # Ray ObjectRef -> (optuna Trial, mlflow run id, RunConfig, start time)
         self.step_seen: dict[int, str] = {}  # trial number -> worker that reported its steps
+        self.pending_logs: list[tuple] = []  # concluded trials whose MLflow logging is still to do
+        self.timings: dict[str, float] = {}
 
     # -- set-up ------------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
@@ -177,23 +178,31 @@ class SweepRunner:
         return max(0, remaining)
 
     def start_ray(self):
+        """Join the Ray cluster (or start a local one) and warm one worker per trial slot."""
         import ray
 
-        if ray.is_initialized():
-            return ray
-        address = self.options.address or os.environ.get("RAY_ADDRESS")
-        kwargs = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False, configure_logging=True)
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=os.cpu_count(), **kwargs)
+        started = time.perf_counter()
+        if not ray.is_initialized():
+            address = self.options.address or os.environ.get("RAY_ADDRESS")
+            kwargs = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=os.cpu_count(), **kwargs)
+        self.timings["ray_start"] = time.perf_counter() - started
         resources = ray.cluster_resources()
         self.say(f"Ray: {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+        started = time.perf_counter()
+        # Workers import torch and cvad once, here, rather than inside the first trials' time.
+        warm = ray.remote(import_trial_code).options(num_cpus=self.spec.settings.resources.cpus_per_trial)
+        ray.get([warm.remote() for _ in range(self.capacity(ray))])
+        self.timings["workers_ready"] = time.perf_counter() - started
         return ray
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> SweepOutcome:
         spec, settings = self.spec, self.spec.settings
+        started = time.perf_counter()
         tracker = SweepTracker(self.options.resolved_tracking_uri(), spec.name, artifact_root=self.artifact_root())
         study = self.open_study()
         parent = study.user_attrs.get(PARENT_RUN_ATTR)
@@ -205,6 +214,7 @@ class SweepRunner:
             tracker.reopen_sweep(parent)
         self.recover_stale(study, tracker)
         remaining = self.queue_work(study)
+        self.timings["store_setup"] = time.perf_counter() - started
         self.say(
             f"sweep {spec.name}: {remaining} trial(s) to run ({settings.sampler.name}), study {self.options.resolved_storage()}, "
             f"MLflow {tracker.uri} (experiment {spec.name})"
@@ -240,10 +250,17 @@ class SweepRunner:
                     self.submit(study, trial, tracker, parent, remote, events, threads)
                 ready, _ = ray.wait(list(self.running), num_returns=1, timeout=0.5)
                 self.drain(events, tracker)
-                for ref in ready:
-                    self.drain(events, tracker)
-                    self.collect(study, ref, tracker)
+                # Optuna first, so that the freed slots get new trials before MLflow logging runs.
+                self.pending_logs += [self.conclude(study, ref) for ref in ready]
+                if submitted < remaining and len(self.running) < self.capacity(ray):
+                    continue
+                for entry in self.pending_logs:
+                    self.record(tracker, *entry)
+                if self.pending_logs:
+                    self.pending_logs.clear()
                     self.report(study)
+            for entry in self.pending_logs:
+                self.record(tracker, *entry)
         except KeyboardInterrupt:
             self.interrupt(study, tracker, parent, ray)
             return self.outcome(study, interrupted=True)
@@ -324,36 +341,46 @@ class SweepRunner:
             shown = f"{sum(average) / len(average):.3f}" if average else "-"
             self.say(f"[{self.elapsed()}] trial {number} step {info['step'] + 1}/{len(info['tasks'])}: pixel F1 (seen tasks) {shown}")
 
-    def collect(self, study: optuna.Study, ref, tracker: SweepTracker) -> None:
+    def conclude(self, study: optuna.Study, ref) -> tuple:
+        """Tell Optuna how a finished trial ended; return what ``record`` logs to MLflow."""
         import ray
 
         trial, run_id, config, started = self.running.pop(ref)
-        record = None
+        output = error = None
         try:
             output = ray.get(ref)
-            record = output["record"]
-            tracker.client.set_tag(run_id, "cvad.worker", output["worker"])
-            tracker.log_result(run_id, record, output["artifacts"])
-            values = objective_values(self.spec, record)
+            values = objective_values(self.spec, output["record"])
         except Exception as exc:  # the trial failed; the sweep goes on
-            message = error_text(exc)
-            if record is None and not isinstance(exc, ray.exceptions.RayError):
-                message += "\n" + traceback.format_exc(limit=3)
-            trial.set_user_attr("error", message)
+            error = (error_text(exc), str(exc))
+            trial.set_user_attr("error", error[0])
             study.tell(trial, state=TrialState.FAIL)
-            tracker.end_trial(run_id, "FAILED", message)
-            self.say(f"[{self.elapsed()}] trial {trial.number} FAILED ({describe(config)}): {message.splitlines()[0]}")
-            return
+            return trial, run_id, config, started, output, None, error
+        record = output["record"]
         if self.spec.settings.constraints.active:
             trial.set_user_attr("constraints", self.spec.settings.constraints.values(record))
         trial.set_user_attr("pretrained", bool(record["weights"]["pretrained"]))
         study.tell(trial, values)
+        return trial, run_id, config, started, output, values, None
+
+    def record(self, tracker: SweepTracker, trial, run_id, config, started, output, values, error) -> None:
+        """Log a concluded trial's results, artifacts and status to its MLflow run."""
+        seconds = time.perf_counter() - started
+        if output is not None:
+            tracker.client.set_tag(run_id, "cvad.worker", output["worker"])
+            tracker.log_result(run_id, output["record"], output["artifacts"])
+        if error is not None:
+            message, details = error
+            tracker.end_trial(run_id, "FAILED", message, details)
+            self.say(f"[{self.elapsed()}] trial {trial.number} FAILED after {seconds:.0f}s ({describe(config)}): {message}")
+            return
         tracker.end_trial(run_id, "FINISHED")
         shown = ", ".join(f"{o.metric} {v:.4g}" for o, v in zip(self.spec.settings.objectives, values))
-        weights = "" if record["weights"]["pretrained"] else "  [RANDOM WEIGHTS]"
-        self.say(f"[{self.elapsed()}] trial {trial.number} done in {time.perf_counter() - started:.0f}s: {shown}{weights}")
+        weights = "" if output["record"]["weights"]["pretrained"] else "  [RANDOM WEIGHTS]"
+        self.say(f"[{self.elapsed()}] trial {trial.number} done in {seconds:.0f}s: {shown}{weights}")
 
     def interrupt(self, study, tracker, parent, ray) -> None:
+        for entry in self.pending_logs:
+            self.record(tracker, *entry)
         for ref, (trial, run_id, _, _) in list(self.running.items()):
             ray.cancel(ref, force=True)
             trial.set_user_attr("interrupted", True)
@@ -406,6 +433,11 @@ def best_trials(study: optuna.Study, spec: SweepSpec) -> list[FrozenTrial]:
     maximize = [d == "maximize" for d in spec.directions]
     front = [complete[i] for i in pareto_front([t.values for t in complete], maximize)]
     return sorted(front, key=lambda t: (-t.values[0] if maximize[0] else t.values[0], t.number))
+
+
+def import_trial_code() -> None:
+    """Ray warm-up task: the imports every trial needs."""
+    import cvad.sweep.worker  # noqa: F401
 
 
 def run_trial_remote(config: dict, number: int, events, threads: int) -> dict:

@@ -16,6 +16,7 @@ import yaml
 from cvad.backbones.weights import RandomWeightsWarning, WeightsError
 from cvad.config import ConfigError, load_config
 from cvad.data.base import DatasetError
+from cvad.models.components.training import TrainingDivergedError
 from cvad.registry import UnknownNameError
 
 cli = typer.Typer(
@@ -25,7 +26,7 @@ cli = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-USER_ERRORS = (ConfigError, DatasetError, WeightsError, UnknownNameError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DatasetError, WeightsError, UnknownNameError, FileNotFoundError, TrainingDivergedError)
 
 
 def fail(message: str) -> None:

@@ -91,6 +91,24 @@ def test_conditional_grid_has_only_the_parameters_of_each_branch(cache):
     assert config.model.params["bank_size"] == 3000 and config.strategy.replay_size == 100
 
 
+def test_whole_config_branches_give_each_method_its_own_backbones(cache):
+    raw = tiny_sweep(
+        "branches",
+        cache,
+        space=[
+            {"model": {"name": "padim"}, "backbone": {"name": ["mobilenetv2_100", "mcunet_in3"]}},
+            {"model": {"name": "patchcore", "params": {"bank_size": [100, 200]}}, "backbone": {"name": "resnet18"}},
+        ],
+    )
+    points = SweepSpec(raw).grid_points
+    assert points == [
+        {"space": "padim", "space[padim].backbone.name": "mobilenetv2_100"},
+        {"space": "padim", "space[padim].backbone.name": "mcunet_in3"},
+        {"space": "patchcore", "space[patchcore].model.params.bank_size": 100},
+        {"space": "patchcore", "space[patchcore].model.params.bank_size": 200},
+    ]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

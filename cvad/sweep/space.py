@@ -6,12 +6,14 @@ A node at a config path (``model.params.bank_size``) is one of:
 - a list of scalars (or ``{choices: [...]}``, which also takes lists as values): a categorical parameter;
 - ``{int: [low, high]}`` / ``{float: [low, high]}`` with optional ``step`` and ``log``: a numeric parameter;
 - a list of mappings: *alternatives*; one is chosen and only its own parameters are sampled,
-  so a bank size exists only in the PatchCore branch and a replay size only under replay;
+  so a bank size exists only in the PatchCore branch and a replay size only under replay
+  (the whole ``space`` may be such a list: one branch per method, each with its own backbones);
 - any other mapping: nested config keys.
 
 Each sampled parameter becomes one Optuna parameter, named by its config path; parameters
-inside an alternative carry the branch label (``model[patchcore].params.bank_size``) so
-that two branches never share a name with different choices.
+inside an alternative carry the branch label (``model[patchcore].params.bank_size``, or
+``space[patchcore].model.params.bank_size`` for whole-config branches) so that two branches
+never share a name with different choices.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def parse_space(tree: Any, path: str = "", name: str | None = None) -> Node:
         if not tree:
             raise SpaceError(f"space.{path}: an empty list has nothing to choose from")
         if all(isinstance(item, dict) for item in tree):
-            return parse_alternatives(tree, path, name)
+            return parse_alternatives(tree, path, name or "space")
         if any(isinstance(item, dict) for item in tree):
             raise SpaceError(f"space.{path}: mixes mappings (alternatives) and values (choices); use one or the other")
         return Categorical(name, path, tuple(tree))
@@ -127,9 +129,13 @@ def parse_children(tree: dict, path: str, name: str) -> tuple[Node, ...]:
 
 
 def parse_alternatives(items: list[dict], path: str, name: str) -> Alternatives:
+    """Branches are labelled by their ``name`` (or, for whole-config branches, ``model.name``) when unique."""
     names = [item.get("name") for item in items]
-    if all(isinstance(n, str) for n in names) and len(set(names)) == len(names):
-        labels = tuple(names)
+    models = [item.get("model", {}).get("name") if isinstance(item.get("model"), dict) else None for item in items]
+    for candidates in (names, models):
+        if all(isinstance(n, str) for n in candidates) and len(set(candidates)) == len(candidates):
+            labels = tuple(candidates)
+            break
     else:
         labels = tuple(str(i) for i in range(len(items)))
     branches = tuple(Mapping(path, parse_children(item, path, f"{name}[{label}]")) for label, item in zip(labels, items))

@@ -188,7 +188,7 @@ class SweepRunner:
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(num_cpus=os.cpu_count(), **kwargs)
+                ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)  # never a cluster left running here
         self.timings["ray_start"] = time.perf_counter() - started
         resources = ray.cluster_resources()
         self.say(f"Ray: {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")

@@ -18,15 +18,24 @@ from cvad.config import validate_config
 from cvad.trial import run_trial
 
 
+def ray_node() -> str:
+    """The Ray node this process runs on (two nodes may share a host), or the host name outside Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()[:12]
+    return os.uname().nodename
+
+
 def run_trial_for_sweep(config: dict, number: int, events, threads: int) -> dict:
-    """Run trial ``number``; return its record, its artifact files ``{relative path: bytes}`` and the worker's host:pid.
+    """Run trial ``number``; return its record, its artifact files ``{relative path: bytes}`` and the worker (Ray node:pid).
 
     ``events`` is a queue (``ray.util.queue.Queue`` or anything with ``put``) that receives
     ``("step", number, info)`` after each training step of the stream.
     """
     torch.set_num_threads(max(1, threads))
     run_config = validate_config(config)
-    worker = f"{os.uname().nodename}:{os.getpid()}"
+    worker = f"{ray_node()}:{os.getpid()}"
 
     def forward(event: str, info: dict) -> None:
         if event == "step_done":

@@ -1,0 +1,192 @@
+"""Multi-node sweeps on loopback: a real MLflow server, a Ray head and a second Ray node.
+
+Everything started here is stopped here, by process group. The sweep driver runs as
+``cvad sweep --address ... --tracking-uri http://...`` in a subprocess, like a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_sweep import tiny_sweep
+
+pytestmark = pytest.mark.cluster
+BIN = Path(sys.executable).parent
+# Every process of the cluster (and the driver) shares one auth token, as a real cluster would;
+# fast failure detection, so that a killed node is noticed within seconds.
+RAY_ENV = {
+    **os.environ,
+    "RAY_AUTH_MODE": "token",
+    "RAY_AUTH_TOKEN": secrets.token_hex(16),
+    "RAY_health_check_period_ms": "500",
+    "RAY_health_check_failure_threshold": "4",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class Processes:
+    """Long-running processes started in their own process groups, stopped by group id."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+        process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env or os.environ, start_new_session=True)
+        self.started.append(process)
+        return process
+
+    @staticmethod
+    def kill(process: subprocess.Popen) -> None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        for process in self.started:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill(process)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    processes = Processes()
+    mlflow_port, ray_port = free_port(), free_port()
+    try:
+        processes.start(
+            [
+                str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+            ],
+            root / "mlflow.log",
+        )  # fmt: skip
+        node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--block"]
+        head = ["--head", "--port", str(ray_port), "--include-dashboard", "false"]
+        processes.start([str(BIN / "ray"), "start", *head, *node], root / "head.log", RAY_ENV)
+        address = f"127.0.0.1:{ray_port}"
+        uri = f"http://127.0.0.1:{mlflow_port}"
+        wait_until(lambda: answers(f"{uri}/health"), 90, "the MLflow server answering")
+        second = processes.start([str(BIN / "ray"), "start", "--address", address, *node], root / "node2.log", RAY_ENV)
+        wait_until(lambda: alive_nodes(address) == 2, 90, "two Ray nodes joining")
+        yield {"root": root, "address": address, "uri": uri, "processes": processes, "second": second}
+    finally:
+        processes.stop_all()
+
+
+def alive_nodes(address: str) -> int:
+    result = subprocess.run(
+        [sys.executable, "-c", f"import ray; ray.init(address='{address}', logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"],
+        capture_output=True, text=True, env=RAY_ENV,
+    )  # fmt: skip
+    return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 and result.stdout.strip() else 0
+
+
+def sweep_file(root: Path, name: str, cache: Path, **dataset) -> Path:
+    raw = tiny_sweep(name, cache, resources={"cpus_per_trial": 1})
+    raw["dataset"].update(dataset)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def trial_runs(uri: str, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], max_results=1000)
+    return client, [r for r in runs if r.data.tags.get("cvad.role") == "trial"]
+
+
+def test_sweep_runs_on_two_nodes_and_lands_in_the_mlflow_server(cluster, tmp_path):
+    path = sweep_file(cluster["root"], "two-nodes", tmp_path / "cache")
+    result = subprocess.run(
+        [str(BIN / "cvad"), "sweep", str(path), "--address", cluster["address"], "--tracking-uri", cluster["uri"], "--store", str(tmp_path)],
+        capture_output=True, text=True, env=RAY_ENV, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Ray: 2 node(s)" in result.stdout
+    client, runs = trial_runs(cluster["uri"], "two-nodes")
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"result.json", "matrices", "overlays"} <= artifacts  # served by the tracking server
+    nodes = {r.data.tags["cvad.worker"].split(":")[0] for r in runs}
+    assert len(nodes) == 2, nodes
+
+
+def test_a_killed_node_loses_no_trial(cluster, tmp_path):
+    path = sweep_file(cluster["root"], "node-lost", tmp_path / "cache", image_size=128)
+    driver = subprocess.Popen(
+        [str(BIN / "cvad"), "sweep", str(path), "--address", cluster["address"], "--tracking-uri", cluster["uri"], "--store", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=RAY_ENV,
+    )  # fmt: skip
+    output = []
+    for line in driver.stdout:  # both nodes busy: kill the second one
+        output.append(line)
+        if "trial 1 started" in line:
+            time.sleep(2)
+            Processes.kill(cluster["second"])
+            break
+    output.append(driver.stdout.read())
+    assert driver.wait(timeout=300) == 0, "".join(output)
+    _, runs = trial_runs(cluster["uri"], "node-lost")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert len(finished) + len(failed) == len(runs) == 4, [(r.info.run_name, r.info.status) for r in runs]
+    assert all("cvad.error" in r.data.tags for r in failed)
+    assert len(finished) >= 3  # the lost trial is rerun on the surviving node (or recorded as failed)
+
+
+def test_an_unreachable_tracking_server_fails_before_any_trial(tmp_path):
+    path = sweep_file(tmp_path, "no-server", tmp_path / "cache")
+    result = subprocess.run(
+        [str(BIN / "cvad"), "sweep", str(path), "--tracking-uri", f"http://127.0.0.1:{free_port()}", "--store", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "is unreachable" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "optuna.db").exists()  # nothing started

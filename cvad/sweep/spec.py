@@ -218,17 +218,39 @@ def objective_values(spec: SweepSpec, record: dict) -> list[float]:
     return values
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
-    path = Path(path)
+def read_sweep_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The file's mapping, on top of the file its ``extends:`` names (relative to it), if any."""
     if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
+        raise ConfigError(f"sweep file {path} does not exist" + (f" (extended by {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself through {', '.join(map(str, seen))}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping with 'sweep', 'space' and run-config sections")
-    raw = apply_overrides(raw, overrides or [])
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = read_sweep_file(path.parent / str(parent), (*seen, path.resolve()))
+    if isinstance(base.get("sweep"), dict):  # a sweep's name is its own: two files must not share a study
+        base["sweep"] = {k: v for k, v in base["sweep"].items() if k != "name"}
+    return merge(base, raw)
+
+
+def merge(base: dict, top: dict) -> dict:
+    """Mappings merge key by key (a space mapping too); anything else (a value, a list of branches) is replaced."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+    """Read a sweep file (following ``extends``), apply ``--set`` overrides and validate."""
+    path = Path(path)
+    raw = apply_overrides(read_sweep_file(path), overrides or [])
     if isinstance(raw.get("sweep"), dict) or raw.get("sweep") is None:
         raw["sweep"] = {"name": path.stem, **(raw.get("sweep") or {})}  # the file's name unless it says otherwise
     return SweepSpec(raw, source=str(path))

@@ -5,11 +5,13 @@ from __future__ import annotations
 from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Task
 from cvad.models.dinomaly import Dinomaly
 from cvad.models.padim import PaDiM
+from cvad.models.paste import PaSTe
 from cvad.models.patchcore import PatchCore
+from cvad.models.stfpm import STFPM
 from cvad.registry import Registry
 
 METHODS: Registry[type[AnomalyModel]] = Registry("model")
-for method in (PaDiM, PatchCore, Dinomaly):
+for method in (PaDiM, PatchCore, STFPM, PaSTe, Dinomaly):
     METHODS.register(method.name)(method)
 
 

@@ -1,0 +1,150 @@
+"""STFPM: student-teacher feature pyramid matching (methods.md section 6).
+
+A frozen pretrained teacher and a student of the same architecture, trained from scratch to
+reproduce the teacher's features on normal images at three levels (strides 4, 8, 16 by
+default). Loss: sum over levels of the mean over positions of ½‖n(F_t) − n(F_s)‖², with n the
+channel-wise L2 normalisation. Where the student fails to follow the teacher, the image is
+anomalous: the map is the product (or sum) over levels of the per-position losses, upsampled
+to the input size (no blur, as in the original; ``blur_sigma`` adds one); image score = max.
+
+Under the continual strategies the same student keeps training on whatever each task brings
+(the new task; plus the buffer under replay; everything once under joint).
+
+Defaults are a CPU-friendly schedule for the built-in data (Adam, 3 epochs per task);
+``PAPER_TRAINING`` is the original paper's (SGD 0.4, momentum 0.9, weight decay 1e-4,
+100 epochs, batch 32).
+
+Stored: the teacher (truncated after its deepest level), the student (the layers it learns)
+and the map head.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from timm.models._features import FeatureListNet
+from torch import nn
+
+from cvad.backbones import BACKBONES, FeatureExtractor, stages_at_strides
+from cvad.backbones.staged import StagedNetwork
+from cvad.models.base import AnomalyModel, AnomalyOutput, Task
+from cvad.models.components.maps import GaussianBlur
+from cvad.models.components.training import TrainingParams, make_optimizer, train_epochs
+
+
+class STFPMParams(TrainingParams):
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(3, ge=1)
+    feature_strides: tuple[int, ...] = Field((4, 8, 16), min_length=1, description="feature levels, by stride")
+    combine: Literal["product", "sum"] = Field("product", description="how per-level maps combine into one")
+    blur_sigma: float | None = Field(None, gt=0, description="Gaussian blur of the final map; null: none (the original)")
+
+
+def layer_sequence(extractor: FeatureExtractor) -> tuple[list[nn.Module], list[int]]:
+    """The extractor's layers in execution order, and the index of the layer producing each level."""
+    body = extractor.body
+    if isinstance(body, StagedNetwork):
+        return [body.stem, *body.stages], [1 + stage for stage in extractor.stages]
+    if isinstance(body, FeatureListNet):
+        names = list(body.keys())
+        return [body[name] for name in names], [i for i, name in enumerate(names) if name in body.return_layers]
+    raise ValueError(f"backbone {extractor.name} is not a convolutional network; STFPM and PaSTe need a CNN teacher")
+
+
+def run_layers(layers: list[nn.Module], x: torch.Tensor, start: int, outputs: list[int]) -> list[torch.Tensor]:
+    """Run ``layers[start:]`` (index ``start`` first) on ``x``; collect the outputs at ``outputs``."""
+    collected = []
+    for index in range(start, max(outputs) + 1):
+        x = layers[index](x)
+        if index in outputs:
+            collected.append(x)
+    return collected
+
+
+def reinitialise(module: nn.Module, seed: int) -> None:
+    """Fresh random weights (each layer's own default init), reproducibly."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in module.modules():
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+            if hasattr(layer, "reset_running_stats"):
+                layer.reset_running_stats()
+
+
+class STFPM(AnomalyModel):
+    name = "stfpm"
+    Params = STFPMParams
+    PAPER_TRAINING: ClassVar[dict] = {"optimizer": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 100}
+
+    def __init__(self, params: STFPMParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
+        super().__init__()
+        self.params = params
+        self.image_size = image_size
+        if BACKBONES.get(backbone).is_vit:
+            raise ValueError(f"{self.name}: backbone {backbone} is not a convolutional network; STFPM and PaSTe need a CNN teacher")
+        self.backbone = FeatureExtractor(backbone, stages_at_strides(backbone, params.feature_strides), weights)
+        layers, levels = layer_sequence(self.backbone)
+        self.split = self.shared_layers(levels)
+        self.levels = [i for i in levels if i >= self.split]  # levels the student produces
+        if not self.levels:
+            raise ValueError(f"{self.name}: the student shares every feature level with the teacher; share fewer stages")
+        self.teacher_layers = layers
+        self.student = nn.ModuleList(copy.deepcopy(layers[self.split : max(self.levels) + 1]))
+        reinitialise(self.student, seed)
+        self.student.requires_grad_(True)
+        self.blur = GaussianBlur(params.blur_sigma) if params.blur_sigma else None
+        self.loss_history: list[list[float]] = []
+
+    def shared_layers(self, levels: list[int]) -> int:
+        """How many of the teacher's first layers the student shares: none for STFPM."""
+        return 0
+
+    def features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Teacher and student features at the student's levels; the shared layers run once."""
+        x = (images - self.backbone.mean) / self.backbone.std
+        with torch.no_grad():
+            shared = run_layers(self.teacher_layers, x, 0, [self.split - 1])[0] if self.split else x
+            teacher = run_layers(self.teacher_layers, shared, self.split, self.levels)
+        student_layers = [None] * self.split + list(self.student)
+        student = run_layers(student_layers, shared, self.split, self.levels)
+        return teacher, student
+
+    @staticmethod
+    def level_distances(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> list[torch.Tensor]:
+        """½‖n(F_t) − n(F_s)‖² per position, [B, h, w] per level."""
+        return [0.5 * (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(dim=1) for t, s in zip(teacher, student)]
+
+    def fit_task(self, task: Task) -> None:
+        optimizer = make_optimizer(self.params, list(self.student.parameters()))
+
+        def loss_of(images: torch.Tensor) -> torch.Tensor:
+            distances = self.level_distances(*self.features(images))
+            return sum(d.mean() for d in distances)
+
+        self.loss_history.append(train_epochs(task, self.params, optimizer, loss_of, method=self.name))
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        distances = self.level_distances(*self.features(images))
+        size = (self.image_size, self.image_size)
+        maps = [F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1) for d in distances]
+        combined = maps[0]
+        for level in maps[1:]:
+            combined = combined * level if self.params.combine == "product" else combined + level
+        if self.blur is not None:
+            combined = self.blur(combined)
+        return AnomalyOutput(combined.flatten(1).amax(dim=1), combined)
+
+    def stored_tensors(self) -> dict[str, list[torch.Tensor]]:
+        parts = {
+            "teacher": list(self.backbone.parameters()) + list(self.backbone.buffers()),
+            "student": list(self.student.parameters()) + list(self.student.buffers()),
+        }
+        if self.blur is not None:
+            parts["map_head"] = list(self.blur.buffers())
+        return parts

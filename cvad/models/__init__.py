@@ -7,11 +7,12 @@ from cvad.models.dinomaly import Dinomaly
 from cvad.models.padim import PaDiM
 from cvad.models.paste import PaSTe
 from cvad.models.patchcore import PatchCore
+from cvad.models.simplenet import SimpleNet
 from cvad.models.stfpm import STFPM
 from cvad.registry import Registry
 
 METHODS: Registry[type[AnomalyModel]] = Registry("model")
-for method in (PaDiM, PatchCore, STFPM, PaSTe, Dinomaly):
+for method in (PaDiM, PatchCore, STFPM, PaSTe, SimpleNet, Dinomaly):
     METHODS.register(method.name)(method)
 
 

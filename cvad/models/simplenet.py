@@ -1,0 +1,107 @@
+"""SimpleNet: a discriminator between adapted normal features and noised ones (methods.md section 6).
+
+Frozen backbone features at two levels (strides 8 and 16 by default, as WideResNet's layer 2
+and 3 in the original), each averaged over its 3×3 neighbourhood and brought to the finer grid,
+concatenated, then a trainable linear adaptor. Fake anomalous features are the adapted features
+plus Gaussian noise (σ = 0.015); a small MLP discriminator (Linear, BatchNorm, LeakyReLU 0.2,
+Linear) learns to score normal features above ``threshold`` and fakes below ``-threshold``
+with the truncated L1 loss max(0, th − D(normal)) + max(0, th + D(fake)). Score = −D per
+patch, upsampled and blurred (σ = 4); image score = the map's maximum.
+
+Defaults are a CPU-friendly schedule for the built-in data; ``PAPER_TRAINING`` is the
+original's (Adam, discriminator lr 2e-4, adaptor lr 1e-4, weight decay 1e-5, 160 epochs, batch 8,
+hidden width 1024).
+
+Stored: the truncated backbone, the adaptor, the discriminator and the map head.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from cvad.backbones import FeatureExtractor, stages_at_strides
+from cvad.models.base import AnomalyModel, AnomalyOutput, Task
+from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
+from cvad.models.components.training import TrainingParams, make_optimizer, train_epochs
+
+
+class SimpleNetParams(TrainingParams):
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0, description="discriminator learning rate")
+    adaptor_lr_ratio: float = Field(0.5, gt=0, description="adaptor learning rate = lr x this (the original: 1e-4 / 2e-4)")
+    weight_decay: float = Field(1e-5, ge=0)
+    epochs: int = Field(4, ge=1)
+    feature_strides: tuple[int, ...] = Field((8, 16), min_length=1, description="backbone levels, by stride")
+    hidden: int = Field(256, ge=1, description="discriminator hidden width (the original: 1024)")
+    noise_std: float = Field(0.015, gt=0, description="σ of the Gaussian noise that makes fake anomalies")
+    threshold: float = Field(0.5, gt=0, description="margin of the truncated L1 loss")
+    blur_sigma: float = Field(4.0, gt=0)
+
+
+class SimpleNet(AnomalyModel):
+    name = "simplenet"
+    Params = SimpleNetParams
+    PAPER_TRAINING: ClassVar[dict] = {"optimizer": "adam", "lr": 2e-4, "adaptor_lr_ratio": 0.5, "weight_decay": 1e-5, "epochs": 160, "hidden": 1024}
+
+    def __init__(self, params: SimpleNetParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
+        super().__init__()
+        self.params = params
+        self.backbone = FeatureExtractor(backbone, stages_at_strides(backbone, params.feature_strides), weights)
+        dim = sum(self.backbone.channels)
+        self.adaptor = nn.Linear(dim, dim)
+        self.discriminator = nn.Sequential(
+            nn.Linear(dim, params.hidden), nn.BatchNorm1d(params.hidden), nn.LeakyReLU(0.2), nn.Linear(params.hidden, 1)
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            nn.init.xavier_normal_(self.adaptor.weight)
+            for layer in self.discriminator:
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_normal_(layer.weight)
+        self.noise = torch.Generator().manual_seed(seed)
+        self.head = AnomalyMapHead(image_size, params.blur_sigma)
+        self.loss_history: list[list[float]] = []
+
+    def patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[B, 3, S, S] -> adapted patch features [B*P, d] and the patch grid."""
+        with torch.no_grad():
+            maps = [F.avg_pool2d(m, 3, stride=1, padding=1) for m in self.backbone(images)]
+            features = concat_at_first_grid(maps)
+        grid = tuple(features.shape[-2:])
+        return self.adaptor(features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])), grid
+
+    def fit_task(self, task: Task) -> None:
+        groups = [
+            {"params": self.discriminator.parameters()},
+            {"params": self.adaptor.parameters(), "lr": self.params.lr * self.params.adaptor_lr_ratio},
+        ]
+        optimizer = make_optimizer(self.params, groups)
+        th = self.params.threshold
+
+        def loss_of(images: torch.Tensor) -> torch.Tensor:
+            normal, _ = self.patch_features(images)
+            noise = torch.randn(normal.shape, generator=self.noise).to(normal.device) * self.params.noise_std
+            scores = self.discriminator(torch.cat([normal, normal + noise])).squeeze(1)
+            true_scores, fake_scores = scores[: len(normal)], scores[len(normal) :]
+            return (th - true_scores).clamp(min=0).mean() + (th + fake_scores).clamp(min=0).mean()
+
+        self.loss_history.append(train_epochs(task, self.params, optimizer, loss_of, method=self.name))
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        features, grid = self.patch_features(images)
+        patch_scores = -self.discriminator(features).view(len(images), *grid)
+        maps = self.head(patch_scores)
+        return AnomalyOutput(maps.flatten(1).amax(dim=1), maps)
+
+    def stored_tensors(self) -> dict[str, list[torch.Tensor]]:
+        return {
+            "backbone": list(self.backbone.parameters()) + list(self.backbone.buffers()),
+            "adaptor": list(self.adaptor.parameters()),
+            "discriminator": list(self.discriminator.parameters()) + list(self.discriminator.buffers()),
+            "map_head": list(self.head.buffers()),
+        }

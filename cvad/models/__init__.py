@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Task
+from cvad.models.cfa import CFA
 from cvad.models.dinomaly import Dinomaly
 from cvad.models.padim import PaDiM
 from cvad.models.paste import PaSTe
@@ -12,7 +13,7 @@ from cvad.models.stfpm import STFPM
 from cvad.registry import Registry
 
 METHODS: Registry[type[AnomalyModel]] = Registry("model")
-for method in (PaDiM, PatchCore, STFPM, PaSTe, SimpleNet, Dinomaly):
+for method in (PaDiM, PatchCore, STFPM, PaSTe, SimpleNet, CFA, Dinomaly):
     METHODS.register(method.name)(method)
 
 

@@ -1,0 +1,141 @@
+"""CFA: coupled-hypersphere feature adaptation (methods.md section 6).
+
+Frozen backbone levels (strides 4, 8, 16) concatenated at the finest grid go through a
+trainable patch descriptor (CoordConv: the features plus two coordinate channels, then a 1×1
+convolution). The memory of normal features is the descriptor's output averaged per position
+over the task's training images (the original's initialisation), optionally compressed to
+every ``compression``-th entry by greedy k-center. Training pulls each adapted feature inside a
+hypersphere of radius r around its ``k`` nearest memory features and pushes its next ``j``
+(hard negatives) beyond r + α. Score per patch = the softmin-weighted distance to the nearest
+memory feature; the map is upsampled and blurred (σ = 4); image score = its maximum.
+
+Continual learning, handled like the replay models: at each task the memory is rebuilt from
+the images the task provides (the new task; plus the replay buffer under ``replay``; every
+task under ``joint``) and the same descriptor keeps training. Under ``finetune`` the memory
+therefore covers the latest task only. The memory is stored (part ``memory_bank``) and its
+size is bounded: grid positions / ``compression`` entries.
+
+Defaults are a CPU-friendly schedule for the built-in data; ``PAPER_TRAINING`` is the
+original's (AdamW with AMSGrad, lr 1e-3, weight decay 5e-4, 30 epochs, batch 4).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from cvad.backbones import FeatureExtractor, stages_at_strides
+from cvad.models.base import AnomalyModel, AnomalyOutput, Task
+from cvad.models.components.coreset import greedy_k_center
+from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
+from cvad.models.components.training import TrainingParams, make_optimizer, train_epochs
+
+
+class CFAParams(TrainingParams):
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    epochs: int = Field(3, ge=1)
+    feature_strides: tuple[int, ...] = Field((4, 8, 16), min_length=1, description="backbone levels, by stride")
+    compression: int = Field(1, ge=1, description="keep 1 in this many memory entries (greedy k-center); 1 keeps every position")
+    k: int = Field(3, ge=1, description="nearest memory features each feature is pulled towards")
+    j: int = Field(3, ge=0, description="hard negatives pushed out, after the k nearest")
+    radius: float = Field(1e-5, ge=0, description="hypersphere radius r")
+    alpha: float = Field(0.1, ge=0, description="margin beyond r for the hard negatives")
+    blur_sigma: float = Field(4.0, gt=0)
+
+
+class CoordConvDescriptor(nn.Module):
+    """Features plus normalised x/y coordinate channels, through a 1×1 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels + 2, channels, kernel_size=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = features.shape
+        ys = torch.linspace(-1, 1, h, device=features.device).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1, 1, w, device=features.device).view(1, 1, 1, w).expand(b, 1, h, w)
+        return self.conv(torch.cat([features, xs, ys], dim=1))
+
+
+class CFA(AnomalyModel):
+    name = "cfa"
+    Params = CFAParams
+    PAPER_TRAINING: ClassVar[dict] = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 5e-4, "epochs": 30, "k": 3, "j": 3}
+
+    def __init__(self, params: CFAParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
+        super().__init__()
+        self.params = params
+        self.seed = seed
+        self.backbone = FeatureExtractor(backbone, stages_at_strides(backbone, params.feature_strides), weights)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.descriptor = CoordConvDescriptor(sum(self.backbone.channels))
+        self.head = AnomalyMapHead(image_size, params.blur_sigma)
+        self.register_buffer("memory", torch.zeros(0))
+        self.loss_history: list[list[float]] = []
+
+    def describe(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[B, 3, S, S] -> adapted patch features [B, P, d] and the grid."""
+        with torch.no_grad():
+            features = concat_at_first_grid(self.backbone(images))
+        adapted = self.descriptor(features)
+        return adapted.flatten(2).transpose(1, 2), tuple(adapted.shape[-2:])
+
+    @torch.no_grad()
+    def build_memory(self, task: Task) -> None:
+        """Average adapted feature per position over the task's images, then optional compression."""
+        total, count = None, 0
+        for images in task.train:
+            features, _ = self.describe(images)
+            total = features.sum(dim=0) if total is None else total + features.sum(dim=0)
+            count += len(images)
+        memory = total / count
+        if self.params.compression > 1:
+            keep = max(1, len(memory) // self.params.compression)
+            memory = memory.index_select(0, greedy_k_center(memory, keep, seed=self.seed, projection_dim=None))
+        self.memory = memory.contiguous()
+
+    def nearest_distances(self, features: torch.Tensor, count: int) -> torch.Tensor:
+        """Squared distances of [B, P, d] features to their ``count`` nearest memory entries, ascending."""
+        distances = torch.cdist(features, self.memory.unsqueeze(0).expand(len(features), -1, -1)).pow(2)
+        return distances.topk(min(count, len(self.memory)), dim=-1, largest=False).values
+
+    def fit_task(self, task: Task) -> None:
+        self.build_memory(task)
+        p = self.params
+        optimizer = make_optimizer(p, list(self.descriptor.parameters()))
+        r2 = p.radius**2
+
+        def loss_of(images: torch.Tensor) -> torch.Tensor:
+            features, _ = self.describe(images)
+            nearest = self.nearest_distances(features, p.k + p.j)
+            attract = (nearest[..., : p.k] - r2).clamp(min=0).mean()
+            if p.j == 0 or nearest.shape[-1] <= p.k:
+                return attract
+            repel = (r2 - nearest[..., p.k :] + p.alpha).clamp(min=0).mean()
+            return attract + repel
+
+        self.loss_history.append(train_epochs(task, p, optimizer, loss_of, method=self.name))
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        if self.memory.numel() == 0:
+            raise RuntimeError("CFA has not been fitted on any task yet")
+        features, grid = self.describe(images)
+        nearest = self.nearest_distances(features, self.params.k)
+        patch = F.softmin(nearest, dim=-1)[..., 0] * nearest[..., 0]
+        maps = self.head(patch.view(len(images), *grid))
+        return AnomalyOutput(maps.flatten(1).amax(dim=1), maps)
+
+    def stored_tensors(self) -> dict[str, list[torch.Tensor]]:
+        return {
+            "backbone": list(self.backbone.parameters()) + list(self.backbone.buffers()),
+            "descriptor": list(self.descriptor.parameters()),
+            "memory_bank": [self.memory],
+            "map_head": list(self.head.buffers()),
+        }

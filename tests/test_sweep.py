@@ -154,6 +154,21 @@ def test_shipped_sweep_files_are_valid(tmp_path):
     assert load_sweep(files[-1].parent / "paper-visa.yaml", [f"dataset.root={tmp_path}"]).name == "paper-visa"
 
 
+def test_paper_grid_trains_with_each_methods_published_schedule(tmp_path):
+    from cvad.models import METHODS
+
+    spec = load_sweep(Path(__file__).parents[1] / "sweeps" / "paper-mvtec.yaml", [f"dataset.root={tmp_path}"])
+    assert len(spec.grid_points) == 52
+    checked = set()
+    for point in spec.grid_points:
+        config = spec.config_for(optuna.trial.FixedTrial(point))
+        schedule = getattr(METHODS.get(config.model.name), "PAPER_TRAINING", {})
+        assert {k: config.model.params[k] for k in schedule} == schedule, config.model.name
+        if schedule:
+            checked.add(config.model.name)
+    assert checked == {"stfpm", "paste", "simplenet", "cfa", "dinomaly"}
+
+
 def test_extends_merges_mappings_and_replaces_the_rest(tmp_path, cache):
     base = tiny_sweep("base", cache)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))

@@ -213,6 +213,76 @@ def describe_space(node, indent: str = "") -> list[str]:
     return []
 
 
+def default_tracking_uri_for(store: Path) -> str:
+    import os
+
+    from cvad.tracking import default_tracking_uri
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(store)
+
+
+@cli.command()
+def recommend(
+    max_mb: Optional[float] = typer.Option(None, "--max-mb", help="memory budget in MB (model + stored state + replay buffer)"),
+    max_gflops: Optional[float] = typer.Option(None, "--max-gflops", help="compute budget in GFLOPs per image"),
+    min_image_f1: Optional[float] = typer.Option(None, "--min-image-f1", help="keep only trials with at least this image F1"),
+    metric: str = typer.Option("pixel_f1", "--metric", help="quality to maximise: pixel_f1, image_f1, pixel_auroc, image_auroc"),
+    experiment: list[str] = typer.Option([], "--experiment", help="sweep (MLflow experiment) to read; repeatable; default all"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)"),
+    store: Path = typer.Option(Path("runs"), "--store", help="folder of the local MLflow store"),
+    as_json: bool = typer.Option(False, "--json", help="print the recommendation as JSON"),
+) -> None:
+    """The Pareto-optimal trials that fit a budget, best first: what to deploy.
+
+    Example: cvad recommend --max-mb 20 --max-gflops 1
+    """
+    from cvad.selection import Budget, SelectionError, load_trials
+    from cvad.selection import recommend as select
+    from cvad.tracking import TrackingError
+
+    uri = tracking_uri or default_tracking_uri_for(store)
+    try:
+        trials = load_trials(uri, experiment or None)
+        rec = select(trials, metric, Budget(max_mb, max_gflops, min_image_f1))
+    except (SelectionError, TrackingError) as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({"summary": rec.summary(), "metric": metric, "excluded": rec.excluded, "picks": rec.as_records()}, indent=1))
+        return
+    typer.echo(rec.summary())
+    for rank, row in rec.picks.iterrows():
+        weights = "" if row["pretrained"] else "  [random weights]"
+        typer.echo(
+            f"  {rank + 1}. {row['name']:<48} {metric} {row[metric]:.3f}  {row['memory_mb']:8.2f} MB  {row['gflops']:6.3f} GFLOPs"
+            f"  ({row['sweep']} trial {row['trial']}){weights}\n       {row['why']}"
+        )
+    left_out = ", ".join(f"{n} {reason}" for reason, n in rec.excluded.items() if n)
+    if left_out:
+        typer.echo(f"left out: {left_out}")
+
+
+@cli.command()
+def dashboard(
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)"),
+    store: Path = typer.Option(Path("runs"), "--store", help="folder of the local MLflow store"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (0.0.0.0 exposes it to the network)"),
+    port: int = typer.Option(8501, "--port"),
+) -> None:
+    """Open the Streamlit dashboard: Pareto fronts, budget recommendations, continual curves."""
+    import subprocess
+
+    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    if not app.is_file():
+        fail(f"the dashboard app is missing ({app}); install cvad from its repository (pip install -e .)")
+    uri = tracking_uri or default_tracking_uri_for(store)
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(app), "--server.address", host, "--server.port", str(port),
+        "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--tracking-uri", uri,
+    ]  # fmt: skip
+    typer.echo(f"dashboard on http://{host}:{port} reading {uri}")
+    raise typer.Exit(subprocess.call(command))
+
+
 @cli.command("list")
 def list_choices() -> None:
     """List the registered models, backbones and datasets."""

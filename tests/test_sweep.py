@@ -307,6 +307,7 @@ def test_ctrl_c_stops_cleanly_and_resume_reruns_only_the_interrupted(tmp_path, c
 
     outcome = run_sweep(raw, store, resume=True)
     assert (outcome.completed, outcome.failed) == (4, 0)
+    assert not study_of(store, "interrupted").get_trials(states=(TrialState.WAITING,))  # nothing queued twice
     client, runs = mlflow_runs(store, "interrupted")
     configs = trial_configs(runs)
     assert len(configs) == len(set(configs)) == 4

@@ -161,7 +161,8 @@ class SweepRunner:
         trials = study.get_trials(deepcopy=False)
         finished = [t for t in trials if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and not is_interrupted(t))]
         done = {params_key(t.params) for t in finished}
-        waiting = {params_key(t.params) for t in trials if t.state == TrialState.WAITING}
+        # An enqueued trial has no params yet: Optuna keeps them as its "fixed_params".
+        waiting = {params_key(t.system_attrs.get("fixed_params", {})) for t in trials if t.state == TrialState.WAITING}
         if self.spec.grid_points is not None:
             wanted = self.spec.grid_points
         else:

@@ -1,0 +1,224 @@
+"""Choosing what to deploy: trials from MLflow, Pareto fronts and budget recommendations.
+
+One implementation for ``cvad recommend`` and the dashboard. Loading turns MLflow runs (the
+layout of ``cvad.tracking``) into a table with one row per trial; everything else is a pure
+function of that table, so it is tested on hand-made rows.
+
+A recommendation is the Pareto-optimal set (quality up, MB down, GFLOPs down) of the finished
+trials that fit the budget, best quality first; each entry says what it wins and what it costs
+against the one before it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import pandas as pd
+
+from cvad.pareto import pareto_front
+
+QUALITY_METRICS = ("pixel_f1", "image_f1", "pixel_auroc", "image_auroc")
+METRIC_NAMES = {"pixel_f1": "pixel F1", "image_f1": "image F1", "pixel_auroc": "pixel ROC-AUC", "image_auroc": "image ROC-AUC"}
+MODEL_NAMES = {"padim": "PaDiM", "patchcore": "PatchCore", "stfpm": "STFPM", "paste": "PaSTe", "simplenet": "SimpleNet", "cfa": "CFA", "dinomaly": "Dinomaly"}
+BACKBONE_NAMES = {
+    "mobilenetv2_100": "MobileNetV2",
+    "mcunet_in3": "MCUNet",
+    "phinet_1.2_0.5_6_downsampling": "PhiNet",
+    "tf_efficientnet_lite0": "EfficientNet-Lite0",
+    "deit_tiny_patch16_224": "DeiT-Tiny",
+    "vit_base_patch16_224": "ViT-Base",
+    "vit_small_patch14_reg4_dinov2": "DINOv2 ViT-S",
+    "resnet18": "ResNet18",
+    "wide_resnet50_2": "WideResNet50",
+}
+TABLE_METRICS = (*QUALITY_METRICS, "forgetting_pixel_f1", "memory_mb", "gflops", "latency_ms", "wall_seconds")
+
+
+# methods.md section 7: the paper's published figures on MVTec AD (MobileNetV2 unless named).
+# Published numbers, never measured here: the dashboard draws them only as a labelled reference.
+PUBLISHED_MVTEC = pd.DataFrame(
+    [
+        ("PaSTe, replay 100", 0.92, 0.45, 0.68, 16.94),
+        ("STFPM, replay 100", 0.91, 0.42, 0.90, 19.82),
+        ("PatchCoreCL++ 30k", 0.96, 0.39, 4.15, 31.04),
+        ("PatchCoreCL 30k", 0.95, 0.38, 49.16, 31.04),
+        ("PaDiM lite-multimodal", 0.90, 0.41, 0.57, 46.67),
+        ("SimpleNet, replay 100", 0.87, 0.27, 1.20, 17.41),
+        ("CFA, replay 100", 0.85, 0.22, 5.73, 20.46),
+        ("Tiny-Dinomaly (DeiT-Tiny), replay 100", 0.88, 0.45, 3.39, 50.87),
+    ],
+    columns=["name", "image_f1", "pixel_f1", "gflops", "memory_mb"],
+)
+
+
+class SelectionError(RuntimeError):
+    """Nothing to select from; the message says what to run."""
+
+
+def display_name(row: dict) -> str:
+    """'PaSTe + MobileNetV2, replay 40' from a trial row."""
+    params = row.get("params") or {}
+    model = MODEL_NAMES.get(row["model"], row["model"])
+    if row["model"] == "padim":
+        model = ("PaDiM-Lite" if params.get("model.params.covariance") == "diagonal" else "PaDiM") + f" {params.get('model.params.continual', '')}".rstrip()
+    elif row["model"] == "patchcore":
+        variant = {"cl": "CL", "cl++": "CL++"}.get(params.get("model.params.continual"), "")
+        bank = params.get("model.params.bank_size")
+        model = f"PatchCore{variant} {bank}" if bank not in (None, "None") else f"PatchCore{variant}"
+    elif row["model"] == "dinomaly" and row["backbone"] == "deit_tiny_patch16_224":
+        model = "Tiny-Dinomaly"
+    strategy = row.get("strategy") or ""
+    if strategy == "replay":
+        strategy = f"replay {params.get('strategy.replay_size', '?')}"
+    return f"{model} + {BACKBONE_NAMES.get(row['backbone'], row['backbone'])}, {strategy}"
+
+
+def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.DataFrame:
+    """Every trial run of the chosen sweeps (default: all) as a table, failed ones included."""
+    from mlflow.tracking import MlflowClient
+
+    from cvad.tracking import check_server
+
+    check_server(tracking_uri)
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri.removeprefix("sqlite:///")  # relative, or absolute after sqlite:////
+        if not os.path.isfile(path):
+            raise SelectionError(f"no MLflow store at {path}; run a sweep first, e.g. `cvad sweep sweeps/edge.yaml`")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    client = MlflowClient(tracking_uri)
+    found = client.search_experiments()
+    if experiments:
+        missing = sorted(set(experiments) - {e.name for e in found})
+        if missing:
+            names = ", ".join(sorted(e.name for e in found)) or "none"
+            raise SelectionError(f"no sweep named {', '.join(missing)} in {tracking_uri}; sweeps there: {names}")
+        found = [e for e in found if e.name in experiments]
+    runs = client.search_runs([e.experiment_id for e in found], filter_string="tags.`cvad.role` = 'trial'", max_results=50000) if found else []
+    if not runs:
+        raise SelectionError(f"no cvad trials in {tracking_uri}; run a sweep first, e.g. `cvad sweep sweeps/edge.yaml`")
+    names = {e.experiment_id: e.name for e in found}
+    rows = []
+    for run in runs:
+        tags, metrics = run.data.tags, run.data.metrics
+        row = {
+            "run_id": run.info.run_id,
+            "sweep": names.get(run.info.experiment_id, ""),
+            "trial": int(tags.get("cvad.trial", -1)),
+            "status": run.info.status,
+            "model": tags.get("cvad.model", ""),
+            "backbone": tags.get("cvad.backbone", ""),
+            "strategy": tags.get("cvad.strategy", ""),
+            "dataset": tags.get("cvad.dataset", ""),
+            "pretrained": tags.get("cvad.pretrained") == "true",
+            "error": tags.get("cvad.error"),
+            "params": dict(run.data.params),
+            "experiment_id": run.info.experiment_id,
+        }
+        row.update({m: metrics.get(m) for m in TABLE_METRICS})
+        row["name"] = display_name(row)
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["sweep", "trial"]).reset_index(drop=True)
+
+
+def usable(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Finished trials with the quality metric, MB and GFLOPs all measured."""
+    ok = trials["status"].eq("FINISHED")
+    for column in (metric, "memory_mb", "gflops"):
+        ok &= trials[column].notna() & trials[column].map(lambda v: v is not None and math.isfinite(v))
+    return trials[ok]
+
+
+def pareto_mask(trials: pd.DataFrame, metric: str) -> pd.Series:
+    """True for the trials on the front of (metric up, MB down, GFLOPs down) among the usable ones."""
+    candidates = usable(trials, metric)
+    points = candidates[[metric, "memory_mb", "gflops"]].to_numpy().tolist()
+    front = candidates.index[pareto_front(points, [True, False, False])]
+    return trials.index.isin(front)
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_mb: float | None = None
+    max_gflops: float | None = None
+    min_image_f1: float | None = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_mb is not None:
+            parts.append(f"under {self.max_mb:g} MB")
+        if self.max_gflops is not None:
+            parts.append(f"under {self.max_gflops:g} GFLOPs")
+        if self.min_image_f1 is not None:
+            parts.append(f"image F1 at least {self.min_image_f1:g}")
+        return ", ".join(parts) or "any budget"
+
+
+@dataclass
+class Recommendation:
+    """The Pareto-optimal trials within a budget, best first, with the reason for each."""
+
+    metric: str
+    budget: Budget
+    picks: pd.DataFrame  # rows of the trial table plus a "why" column
+    excluded: dict[str, int]  # reason -> number of trials
+
+    def summary(self) -> str:
+        if self.picks.empty:
+            return f"{self.budget.describe()}: no finished trial fits; loosen the budget or run more configurations"
+        best = self.picks.iloc[0]
+        return (
+            f"{self.budget.describe()}: {best['name']}: {METRIC_NAMES[self.metric]} {best[self.metric]:.3f}, "
+            f"{best['memory_mb']:.3g} MB, {best['gflops']:.3g} GFLOPs"
+        )
+
+    def as_records(self) -> list[dict]:
+        columns = ["name", "sweep", "trial", "run_id", self.metric, "memory_mb", "gflops", "image_f1", "pretrained", "why"]
+        return json.loads(self.picks[columns].to_json(orient="records"))
+
+
+def recommend(trials: pd.DataFrame, metric: str = "pixel_f1", budget: Budget = Budget()) -> Recommendation:
+    if metric not in QUALITY_METRICS:
+        raise SelectionError(f"unknown metric {metric!r}; choose one of: {', '.join(QUALITY_METRICS)}")
+    excluded = {"failed or unfinished": int((~trials["status"].eq("FINISHED")).sum())}
+    finished = trials[trials["status"].eq("FINISHED")]
+    candidates = usable(finished, metric)
+    excluded[f"{metric} not measured"] = len(finished) - len(candidates)
+    fits = pd.Series(True, index=candidates.index)
+    if budget.max_mb is not None:
+        fits &= candidates["memory_mb"] <= budget.max_mb
+    if budget.max_gflops is not None:
+        fits &= candidates["gflops"] <= budget.max_gflops
+    if budget.min_image_f1 is not None:
+        fits &= candidates["image_f1"].fillna(-1) >= budget.min_image_f1
+    excluded["over budget"] = int((~fits).sum())
+    inside = candidates[fits]
+    front = inside[pareto_mask(inside, metric)]
+    dominated = len(inside) - len(front)
+    excluded["dominated by another that fits"] = dominated
+    picks = front.sort_values([metric, "memory_mb", "gflops", "trial"], ascending=[False, True, True, True]).copy()
+    picks["why"] = reasons(picks, metric)
+    return Recommendation(metric, budget, picks.reset_index(drop=True), excluded)
+
+
+def reasons(picks: pd.DataFrame, metric: str) -> list[str]:
+    """What each pick wins and what it costs against the one ranked just above it."""
+    label = METRIC_NAMES[metric]
+    out = []
+    previous = None
+    for _, row in picks.iterrows():
+        if previous is None:
+            out.append(f"highest {label} within the budget")
+        else:
+            savings = []
+            if row["memory_mb"] < previous["memory_mb"]:
+                savings.append(f"{previous['memory_mb'] - row['memory_mb']:.3g} MB less ({row['memory_mb'] / previous['memory_mb']:.0%})")
+            if row["gflops"] < previous["gflops"]:
+                savings.append(f"{previous['gflops'] - row['gflops']:.3g} fewer GFLOPs ({row['gflops'] / previous['gflops']:.0%})")
+            cost = previous[metric] - row[metric]
+            out.append(f"{' and '.join(savings) or 'no saving'} than the one above, for {cost:.3f} lower {label}")
+        previous = row
+    return out

@@ -1,0 +1,181 @@
+"""cvad dashboard: what to deploy under a memory and compute budget.
+
+Launched by ``cvad dashboard`` (``streamlit run dashboard/app.py -- --tracking-uri URI``).
+It only renders: trials come from MLflow through ``cvad.selection``, which also holds the
+Pareto and budget logic shared with ``cvad recommend``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from cvad.selection import METRIC_NAMES, PUBLISHED_MVTEC, QUALITY_METRICS, Budget, SelectionError, load_trials, pareto_mask, recommend
+from cvad.tracking import TrackingError, default_tracking_uri
+
+st.set_page_config(page_title="cvad: what to deploy", layout="wide")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def tracking_uri_from_args() -> str:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--tracking-uri")
+    known, _ = parser.parse_known_args(sys.argv[1:])
+    return known.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path("runs"))
+
+
+@st.cache_data(ttl=30, show_spinner="reading trials from MLflow ...")
+def cached_trials(uri: str, sweeps: tuple[str, ...]) -> pd.DataFrame:
+    return load_trials(uri, list(sweeps) or None)
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def log_axis(values: pd.Series) -> bool:
+    """Log scale when the values span more than a decade."""
+    positive = values[values > 0]
+    return len(positive) > 1 and positive.max() / positive.min() > 10
+
+
+def pareto_figure(trials: pd.DataFrame, metric: str, x: str, front: pd.Series, published: bool) -> go.Figure:
+    label = {"memory_mb": "memory (MB)", "gflops": "GFLOPs per image"}[x]
+    figure = px.scatter(
+        trials, x=x, y=metric, color="model", symbol="backbone", hover_name="name",
+        hover_data={"config": True, "sweep": True, "trial": True, "model": False, "backbone": False},
+        log_x=log_axis(trials[x]), labels={x: label, metric: METRIC_NAMES[metric]},
+    )  # fmt: skip
+    line = trials[front].sort_values(x)
+    figure.add_trace(go.Scatter(x=line[x], y=line[metric], mode="lines+markers", name="Pareto front", line={"color": "black", "dash": "dot"}, marker={"size": 14, "symbol": "circle-open", "color": "black"}))
+    if published and metric in PUBLISHED_MVTEC:
+        figure.add_trace(
+            go.Scatter(
+                x=PUBLISHED_MVTEC[x], y=PUBLISHED_MVTEC[metric], mode="markers+text", text=PUBLISHED_MVTEC["name"],
+                textposition="top center", name="published (paper, MVTec AD)", marker={"symbol": "x", "color": "grey", "size": 10},
+            )
+        )  # fmt: skip
+    figure.update_layout(height=460, legend={"font": {"size": 10}})
+    return figure
+
+
+def matrix_frame(uri: str, run_id: str, metric: str) -> pd.DataFrame | None:
+    try:
+        path = client(uri).download_artifacts(run_id, f"matrices/{metric}.csv")
+    except Exception:  # an older or failed run without matrices
+        return None
+    return pd.read_csv(path, index_col=0)
+
+
+def continual_view(uri: str, trials: pd.DataFrame, metric: str) -> None:
+    finished = trials[trials["status"].eq("FINISHED")]
+    chosen = st.multiselect("trials", finished["name"] + "  #" + finished["trial"].astype(str), max_selections=6, key="continual_trials")
+    if not chosen:
+        st.info("Pick trials to see each metric after every task, the task × task matrix and forgetting.")
+        return
+    rows = finished[(finished["name"] + "  #" + finished["trial"].astype(str)).isin(chosen)]
+    curves = []
+    for _, row in rows.iterrows():
+        for point in client(uri).get_metric_history(row["run_id"], metric):
+            curves.append({"trial": f"{row['name']} #{row['trial']}", "after task": point.step + 1, METRIC_NAMES[metric]: point.value})
+    if curves:
+        st.plotly_chart(px.line(pd.DataFrame(curves), x="after task", y=METRIC_NAMES[metric], color="trial", markers=True, title=f"{METRIC_NAMES[metric]} averaged over the tasks seen"), width="stretch")
+    for _, row in rows.iterrows():
+        st.subheader(f"{row['name']}  (trial {row['trial']})")
+        matrix = matrix_frame(uri, row["run_id"], metric)
+        left, right = st.columns(2)
+        if matrix is not None:
+            left.plotly_chart(px.imshow(matrix, text_auto=".2f", color_continuous_scale="Viridis", labels={"x": "evaluated on", "y": "after training on"}, title="task × task"), width="stretch")
+            final = matrix.iloc[-1]
+            best_before = matrix.iloc[:-1].max() if len(matrix) > 1 else final
+            forgetting = (best_before - final).where(final.notna()).iloc[:-1]
+            right.plotly_chart(px.bar(x=forgetting.index, y=forgetting.values, labels={"x": "task", "y": "forgetting"}, title="forgetting per task (best earlier - final)"), width="stretch")
+        overlays = [a.path for a in client(uri).list_artifacts(row["run_id"], "overlays")]
+        if overlays:
+            st.caption("image | ground truth | anomaly map")
+            cols = st.columns(min(3, len(overlays)))
+            for i, path in enumerate(overlays[:6]):
+                cols[i % len(cols)].image(client(uri).download_artifacts(row["run_id"], path), caption=Path(path).stem)
+
+
+def main() -> None:
+    st.title("cvad: what should the camera run?")
+    uri = st.sidebar.text_input("MLflow tracking URI", tracking_uri_from_args())
+    try:
+        everything = cached_trials(uri, ())
+    except (SelectionError, TrackingError) as exc:
+        st.info(str(exc))
+        return
+    except Exception as exc:  # an unreadable store must never show a traceback
+        st.error(f"cannot read trials from {uri}: {exc}")
+        return
+    sweeps = st.sidebar.multiselect("sweeps", sorted(everything["sweep"].unique()), default=sorted(everything["sweep"].unique()))
+    trials = everything[everything["sweep"].isin(sweeps)].copy()
+    trials["config"] = trials["params"].map(lambda p: "<br>".join(f"{k}={v}" for k, v in sorted(p.items())))
+    metric = st.sidebar.selectbox("quality metric", QUALITY_METRICS, format_func=METRIC_NAMES.get)
+    measured = trials[trials["status"].eq("FINISHED")]
+    top_mb = float(measured["memory_mb"].max()) if measured["memory_mb"].notna().any() else 100.0
+    top_gflops = float(measured["gflops"].max()) if measured["gflops"].notna().any() else 10.0
+    max_mb = st.sidebar.number_input("max memory (MB)", min_value=0.0, value=math.ceil(top_mb * 10) / 10, step=1.0, key="max_mb")
+    max_gflops = st.sidebar.number_input("max GFLOPs per image", min_value=0.0, value=math.ceil(top_gflops * 100) / 100, step=0.1, key="max_gflops")
+    min_image_f1 = st.sidebar.slider("min image F1", 0.0, 1.0, 0.0, 0.01, key="min_image_f1")
+    published = st.sidebar.checkbox("show the paper's published figures (MVTec AD)", value=False)
+
+    rec = recommend(trials, metric, Budget(max_mb, max_gflops, min_image_f1 or None))
+    tab_recommend, tab_pareto, tab_continual, tab_runs = st.tabs(["Recommendation", "Pareto fronts", "Continual", "Runs"])
+    with tab_recommend:
+        (st.success if not rec.picks.empty else st.warning)(rec.summary())
+        if not rec.picks.empty:
+            st.dataframe(rec.picks[["name", metric, "memory_mb", "gflops", "image_f1", "pretrained", "why", "sweep", "trial"]], hide_index=True, width="stretch")
+        left_out = ", ".join(f"{n} {reason}" for reason, n in rec.excluded.items() if n)
+        if left_out:
+            st.caption(f"left out: {left_out}")
+        if not trials["pretrained"].all():
+            st.warning("Some trials ran with random (untrained) backbone weights; their figures do not reflect a pretrained model.")
+    usable = trials[trials["status"].eq("FINISHED") & trials[metric].notna()]
+    with tab_pareto:
+        if usable.empty:
+            st.info(f"No finished trial has {METRIC_NAMES[metric]}.")
+        else:
+            front = pd.Series(pareto_mask(usable, metric), index=usable.index)
+            left, right = st.columns(2)
+            left.plotly_chart(pareto_figure(usable, metric, "memory_mb", front, published), width="stretch")
+            right.plotly_chart(pareto_figure(usable, metric, "gflops", front, published), width="stretch")
+            cube = px.scatter_3d(usable, x="memory_mb", y="gflops", z=metric, color="model", symbol="backbone", hover_name="name", log_x=log_axis(usable["memory_mb"]), log_y=log_axis(usable["gflops"]))
+            cube.update_layout(height=560)
+            st.plotly_chart(cube, width="stretch")
+            if published:
+                st.caption("Grey crosses: the paper's published numbers on MVTec AD (MobileNetV2 unless named), not measured here.")
+    with tab_continual:
+        continual_view(uri, trials, metric)
+    with tab_runs:
+        models = st.multiselect("models", sorted(trials["model"].unique()))
+        statuses = st.multiselect("status", sorted(trials["status"].unique()))
+        keep = pd.Series(True, index=trials.index)
+        if models:
+            keep &= trials["model"].isin(models)
+        if statuses:
+            keep &= trials["status"].isin(statuses)
+        table = trials[keep]
+        columns = ["sweep", "trial", "name", "status", *QUALITY_METRICS, "forgetting_pixel_f1", "memory_mb", "gflops", "latency_ms", "pretrained", "error"]
+        shown = table[columns].copy()
+        if uri.startswith("http"):
+            shown["mlflow"] = [f"{uri.rstrip('/')}/#/experiments/{e}/runs/{r}" for e, r in zip(table["experiment_id"], table["run_id"])]
+        st.dataframe(shown, hide_index=True, width="stretch", column_config={"mlflow": st.column_config.LinkColumn("MLflow")})
+        buffer = io.StringIO()
+        shown.to_csv(buffer, index=False)
+        st.download_button("download as CSV", buffer.getvalue(), file_name="cvad-trials.csv", mime="text/csv")
+
+
+main()

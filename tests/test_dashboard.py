@@ -1,0 +1,135 @@
+"""The dashboard on a real MLflow store filled by a real small sweep: AppTest, then a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from cvad.selection import Budget, load_trials, recommend
+from test_sweep import run_sweep, tiny_sweep
+
+APP = str(Path(__file__).parents[1] / "dashboard" / "app.py")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("dashboard-store")
+    raw = tiny_sweep(
+        "dash",
+        root / "cache",
+        space={
+            "model": [
+                {"name": "padim", "params": {"n_features": 8, "continual": ["unimodal", "multimodal"]}},
+                {"name": "patchcore", "params": {"continual": "cl++", "bank_size": [20, 200]}},
+            ]
+        },
+    )
+    outcome = run_sweep(raw, root)
+    assert outcome.completed == 4
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def app(uri: str, monkeypatch) -> AppTest:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # what `cvad dashboard --tracking-uri` passes, for reruns too
+    return AppTest.from_file(APP, default_timeout=120).run()
+
+
+def test_app_recommends_what_cvad_recommend_does(store, monkeypatch):
+    at = app(store, monkeypatch)
+    assert not at.exception
+    trials = load_trials(store)
+    everything = recommend(trials, "pixel_f1", Budget(max_mb=1e9, max_gflops=1e9))
+    assert at.success[0].value.endswith(everything.summary().split(": ", 1)[1])
+    smallest = trials["memory_mb"].min()
+    at.number_input(key="max_mb").set_value(round(smallest + 0.005, 2)).run()
+    tight = recommend(trials, "pixel_f1", Budget(max_mb=round(smallest + 0.005, 2), max_gflops=at.number_input(key="max_gflops").value))
+    assert tight.picks.loc[0, "memory_mb"] == smallest
+    assert at.success[0].value == tight.summary()
+    assert len(at.get("plotly_chart")) == 3  # MB front, GFLOPs front, 3-D view
+
+
+def test_continual_view_shows_curves_matrices_and_overlays(store, monkeypatch):
+    at = app(store, monkeypatch)
+    chooser = at.multiselect(key="continual_trials")
+    chooser.set_value([chooser.options[0]]).run()
+    assert not at.exception
+    assert len(at.get("plotly_chart")) == 3 + 3  # + curve, heatmap, forgetting bars
+    assert len(at.get("image")) == 4  # the overlays: 2 tasks x 2 defective images
+
+
+def test_empty_and_unreachable_stores_explain_what_to_run(tmp_path, monkeypatch):
+    at = app(f"sqlite:///{tmp_path / 'missing.db'}", monkeypatch)
+    assert not at.exception and "cvad sweep" in at.info[0].value
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    at = app(f"http://127.0.0.1:{port}", monkeypatch)
+    assert not at.exception and "unreachable" in at.info[0].value
+
+
+def test_cli_recommend_json(store):
+    out = subprocess.run(
+        [sys.executable, "-m", "cvad", "recommend", "--tracking-uri", store, "--max-mb", "1000", "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    answer = json.loads(out)
+    assert answer["picks"] and answer["picks"][0]["why"] == "highest pixel F1 within the budget"
+    assert answer["excluded"]["failed or unfinished"] == 0
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+def test_in_a_real_browser(store, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cvad", "dashboard", "--tracking-uri", store, "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        trials = load_trials(store)
+        budget = round(float(trials["memory_mb"].min()) + 0.005, 2)
+        expected = recommend(trials, "pixel_f1", Budget(max_mb=budget)).picks.loc[0, "name"]
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}", timeout=60_000)
+            alert = page.locator("[data-testid='stAlert']").first
+            alert.wait_for(timeout=60_000)
+            field = page.get_by_label("max memory (MB)")
+            field.fill(str(budget))
+            field.press("Enter")
+            page.locator("[data-testid='stAlert']", has_text=f"under {budget:g} MB").first.wait_for(timeout=60_000)
+            assert expected in alert.inner_text()
+            page.get_by_role("tab", name="Pareto fronts").click()
+            page.locator(".js-plotly-plot .scatterlayer .trace").first.wait_for(timeout=60_000)
+            page.wait_for_timeout(1500)  # let plotly finish drawing before the picture
+            shot = tmp_path / "dashboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+        assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+        print(f"screenshot: {shot}")
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=20)

@@ -47,11 +47,6 @@ def task_of(images: torch.Tensor, batch_size: int = 4) -> Task:
 
 
 @pytest.fixture(scope="module")
-def nuts() -> torch.Tensor:
-    return builtin_images(8)
-
-
-@pytest.fixture(scope="module")
 def trained(nuts) -> Dinomaly:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)

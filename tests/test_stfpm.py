@@ -9,18 +9,13 @@ import torch.nn.functional as F
 from cvad.efficiency import count_gflops, memory_footprint
 from cvad.models import build_model
 from cvad.models.components.training import TrainingDivergedError
-from test_dinomaly import builtin_images, task_of
+from test_dinomaly import task_of
 
 SIZE = 64
 
 
 def build(name: str = "stfpm", seed: int = 0, **params):
     return build_model(name, params, backbone="mobilenetv2_100", weights="imagenet", image_size=SIZE, seed=seed)
-
-
-@pytest.fixture(scope="module")
-def nuts() -> torch.Tensor:
-    return builtin_images(8)
 
 
 @pytest.mark.parametrize("name", ["stfpm", "paste"])

@@ -160,19 +160,23 @@ def test_sweep_runs_on_two_nodes_and_lands_in_the_mlflow_server(cluster, tmp_pat
 
 def test_a_killed_node_loses_no_trial(cluster, tmp_path):
     path = sweep_file(cluster["root"], "node-lost", tmp_path / "cache", image_size=128)
-    driver = subprocess.Popen(
-        [str(BIN / "cvad"), "sweep", str(path), "--address", cluster["address"], "--tracking-uri", cluster["uri"], "--store", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=RAY_ENV,
-    )  # fmt: skip
-    output = []
-    for line in driver.stdout:  # both nodes busy: kill the second one
-        output.append(line)
-        if "trial 1 started" in line:
+    log = tmp_path / "driver.log"  # a file, not a pipe, so that no lingering process can block reading it
+    with log.open("w") as sink:
+        driver = subprocess.Popen(
+            [str(BIN / "cvad"), "sweep", str(path), "--address", cluster["address"], "--tracking-uri", cluster["uri"], "--store", str(tmp_path)],
+            stdout=sink, stderr=subprocess.STDOUT, env=RAY_ENV,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while "trial 1 started" not in log.read_text():  # both nodes busy: kill the second one
+                assert driver.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
             time.sleep(2)
             Processes.kill(cluster["second"])
-            break
-    output.append(driver.stdout.read())
-    assert driver.wait(timeout=300) == 0, "".join(output)
+            assert driver.wait(timeout=600) == 0, log.read_text()
+        finally:
+            if driver.poll() is None:
+                driver.kill()
     _, runs = trial_runs(cluster["uri"], "node-lost")
     finished = [r for r in runs if r.info.status == "FINISHED"]
     failed = [r for r in runs if r.info.status == "FAILED"]

@@ -118,6 +118,7 @@ class SweepRunner:
         self.started = time.perf_counter()
         self.running: dict = {}  # Ray ObjectRef -> (optuna Trial, mlflow run id, RunConfig, start time)
         self.step_seen: dict[int, str] = {}  # trial number -> worker that reported its steps
+        self.steps_logged: dict[int, set[int]] = {}  # trial number -> steps already logged live
         self.pending_logs: list[tuple] = []  # concluded trials whose MLflow logging is still to do
         self.timings: dict[str, float] = {}
 
@@ -227,7 +228,7 @@ class SweepRunner:
         ray = self.start_ray()
         from ray.util.queue import Queue
 
-        events = Queue()
+        events = self.progress_queue(ray, Queue)
         remote = ray.remote(run_trial_remote).options(
             num_cpus=settings.resources.cpus_per_trial,
             num_gpus=settings.resources.gpus_per_trial,
@@ -250,7 +251,7 @@ class SweepRunner:
                     submitted += 1
                     self.submit(study, trial, tracker, parent, remote, events, threads)
                 ready, _ = ray.wait(list(self.running), num_returns=1, timeout=0.5)
-                self.drain(events, tracker)
+                events = self.drain(events, tracker, ray, Queue)
                 # Optuna first, so that the freed slots get new trials before MLflow logging runs.
                 self.pending_logs += [self.conclude(study, ref) for ref in ready]
                 if submitted < remaining and len(self.running) < self.capacity(ray):
@@ -327,9 +328,22 @@ class SweepRunner:
         self.running[ref] = (trial, run_id, config, time.perf_counter())
         self.say(f"[{self.elapsed()}] trial {trial.number} started: {describe(config)}")
 
-    def drain(self, events, tracker: SweepTracker) -> None:
-        while not events.empty():
-            kind, number, info = events.get_nowait()
+    @staticmethod
+    def progress_queue(ray, queue_class):
+        """The workers' progress channel, kept on the driver's node so that losing a worker node spares it."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        return queue_class(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+
+    def drain(self, events, tracker: SweepTracker, ray, queue_class):
+        """Log the steps workers reported; returns the queue to use next (a new one if it was lost)."""
+        try:
+            items = events.get_nowait_batch(events.qsize())
+        except ray.exceptions.RayActorError:
+            self.say(f"[{self.elapsed()}] the progress channel was lost; running trials' per-step metrics come from their records")
+            return self.progress_queue(ray, queue_class)
+        for kind, number, info in items:
             entry = next((e for e in self.running.values() if e[0].number == number), None)
             if entry is None or kind != "step":
                 continue
@@ -338,9 +352,11 @@ class SweepRunner:
                 tracker.client.set_tag(entry[1], "cvad.retried", "true")
                 self.step_seen[number] = info["worker"]
             tracker.log_step(entry[1], info["step"], info["tasks"], info["rows"])
+            self.steps_logged.setdefault(number, set()).add(info["step"])
             average = [v for v in info["rows"]["pixel_f1"] if v is not None]
             shown = f"{sum(average) / len(average):.3f}" if average else "-"
             self.say(f"[{self.elapsed()}] trial {number} step {info['step'] + 1}/{len(info['tasks'])}: pixel F1 (seen tasks) {shown}")
+        return events
 
     def conclude(self, study: optuna.Study, ref) -> tuple:
         """Tell Optuna how a finished trial ended; return what ``record`` logs to MLflow."""
@@ -367,8 +383,12 @@ class SweepRunner:
         """Log a concluded trial's results, artifacts and status to its MLflow run."""
         seconds = time.perf_counter() - started
         if output is not None:
+            record = output["record"]
             tracker.client.set_tag(run_id, "cvad.worker", output["worker"])
-            tracker.log_result(run_id, output["record"], output["artifacts"])
+            for step in (s.get("step") for s in record["steps"]):  # steps whose live report was lost
+                if step not in self.steps_logged.get(trial.number, set()):
+                    tracker.log_step(run_id, step, record["tasks"], {m: rows[step] for m, rows in record["matrices"].items()})
+            tracker.log_result(run_id, record, output["artifacts"])
         if error is not None:
             message, details = error
             tracker.end_trial(run_id, "FAILED", message, details)

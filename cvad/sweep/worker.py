@@ -41,7 +41,10 @@ def run_trial_for_sweep(config: dict, number: int, events, threads: int) -> dict
         if event == "step_done":
             step = info["step"]
             rows = {metric: matrix[step] for metric, matrix in info["matrices"].items()}
-            events.put(("step", number, {"step": step, "steps": info["steps"], "tasks": info["tasks"], "rows": rows, "worker": worker}))
+            try:
+                events.put(("step", number, {"step": step, "steps": info["steps"], "tasks": info["tasks"], "rows": rows, "worker": worker}))
+            except Exception:  # progress is best effort: the driver backfills lost steps from the record
+                pass
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # Random weights are recorded in the result (weights.pretrained) and flagged by the driver.

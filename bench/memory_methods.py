@@ -18,7 +18,7 @@ import json
 import time
 import warnings
 
-from cvad.backbones import FeatureExtractor, stages_at_strides
+from cvad.backbones import FeatureExtractor
 from cvad.config import validate_config
 from cvad.efficiency import count_gflops
 from cvad.trial import run_trial
@@ -80,7 +80,7 @@ def main() -> None:
         )
         result["bench_seconds"] = time.perf_counter() - started
 
-    backbone = FeatureExtractor("mobilenetv2_100", stages_at_strides("mobilenetv2_100", (8, 16)), "imagenet")
+    backbone = FeatureExtractor("mobilenetv2_100", (8, 16), "imagenet")
     backbone_gflops = count_gflops(backbone, args.image_size).gflops
     cl = results["PatchCoreCL"]["efficiency"]["gflops"] - backbone_gflops
     clpp = results["PatchCoreCL++"]["efficiency"]["gflops"] - backbone_gflops

@@ -42,7 +42,7 @@ BENCH_GRID = {
         "backbone": {"name": ["mobilenetv2_100", "tf_efficientnet_lite0"]},
         "model": [
             {"name": "padim", "params": {"covariance": ["full", "diagonal"], "continual": ["unimodal", "multimodal"], "n_features": [50, 100]}},
-            {"name": "patchcore", "params": {"continual": ["cl", "cl++"], "bank_size": [500, 2000, 8000], "feature_strides": {"choices": [[8, 16], [4, 8]]}}},
+            {"name": "patchcore", "params": {"continual": ["cl", "cl++"], "bank_size": [500, 2000, 8000], "layers": {"choices": [[8, 16], [4, 8]]}}},
         ],
     },
 }

@@ -76,14 +76,27 @@ def print_summary(result: dict) -> None:
     typer.echo(f"  image F1 {fmt(final['image_f1'])}   image ROC-AUC {fmt(final['image_auroc'])}")
     typer.echo(f"  pixel F1 {fmt(final['pixel_f1'])}   pixel ROC-AUC {fmt(final['pixel_auroc'])}")
     typer.echo(f"  forgetting (pixel F1) {fmt(final['forgetting_pixel_f1'])}")
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in eff["memory_breakdown_mb"].items())
-    typer.echo(f"  memory {eff['memory_mb']:.2f} MB ({parts})")
-    latency = "not measured" if eff["latency_ms"] is None else f"{eff['latency_ms']:.1f} ms/image on {eff['latency_device']}"
-    typer.echo(f"  {eff['gflops']:.3f} GFLOPs/image (1 multiply-add = 1 FLOP), latency {latency}")
+    print_efficiency(eff)
+    if eff["latency_ms"] is None:
+        typer.echo("  latency not measured")
+    else:
+        noisy = "  NOISY: the machine was busy, do not rely on it" if eff["latency_noisy"] else ""
+        typer.echo(
+            f"  latency {eff['latency_ms']:.1f} ms/image (median of {eff['latency_runs']} batch-1 runs, "
+            f"IQR {eff['latency_iqr_ms']:.1f} ms) on {eff['latency_device']}{noisy}"
+        )
     if not w["pretrained"]:
         typer.secho("  WEIGHTS: RANDOM (untrained backbone) - these figures do not reflect a pretrained model", fg=typer.colors.RED)
     else:
         typer.echo(f"  weights: {w['source']}")
+
+
+def print_efficiency(eff: dict) -> None:
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in eff["memory_breakdown_mb"].items())
+    typer.echo(f"  memory {eff['memory_mb']:.2f} MB ({parts}; MB = 2^20 bytes, {eff['memory_bytes']:,} bytes)")
+    typer.echo(f"  {eff['gflops']:.3f} GFLOPs/image (2 x {eff['gmacs']:.4f} G multiply-adds)")
+    if eff["uncounted_ops"]:
+        typer.echo(f"  not counted (no FLOP rule): {', '.join(eff['uncounted_ops'])}")
 
 
 @cli.command()
@@ -127,6 +140,34 @@ def run(
 
 
 @cli.command()
+def cost(
+    config: Path = typer.Argument(..., help="experiment YAML, as for cvad run"),
+    tasks: Optional[int] = typer.Option(None, "--tasks", min=1, help="price the state after N tasks (default: the config's task count)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a config value: --set model.params.bank_size=30000"),
+    as_json: bool = typer.Option(False, "--json", help="print the efficiency record as JSON"),
+) -> None:
+    """Memory by part and GFLOPs of a configuration after N tasks, without data or training.
+
+    The model is built with stored state of the shapes it would hold (banks, Gaussians,
+    prototypes, the replay buffer) and measured exactly as a run measures it.
+
+    Example: cvad cost configs/quickstart.yaml --tasks 30 --set strategy.name=finetune
+    """
+    from cvad.cost import price_config
+
+    try:
+        cfg = load_config(config, overrides)
+        eff = price_config(cfg, tasks)
+    except (*USER_ERRORS, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(eff, indent=1))
+        return
+    typer.echo(f"{cfg.model.name} on {cfg.backbone.name} at {cfg.dataset.image_size} px, strategy {cfg.strategy.name}, after {eff['tasks']} task(s):")
+    print_efficiency(eff)
+
+
+@cli.command()
 def sweep(
     file: Path = typer.Argument(..., help="sweep YAML (see sweeps/)"),
     overrides: list[str] = typer.Option([], "--set", help="override a value of the sweep file: --set dataset.name=mvtec dataset.root=/data/mvtec"),
@@ -160,7 +201,10 @@ def sweep(
         outcome = SweepRunner(spec, options, printer=typer.echo).run()
     except (SweepError, TrackingError, *USER_ERRORS) as exc:
         fail(str(exc))
-    typer.echo(f"\nsweep {outcome.study_name}: {outcome.completed} trial(s) completed, {outcome.failed} failed")
+    typer.echo(
+        f"\nsweep {outcome.study_name}: {outcome.completed} trial(s) completed, {outcome.failed} failed, "
+        f"{outcome.pruned} pruned before training (over the constraints)"
+    )
     for trial in outcome.best[:10]:
         values = ", ".join(f"{o.metric} {v:.4g}" for o, v in zip(spec.settings.objectives, trial.values))
         typer.echo(f"  best: trial {trial.number}  {trial.user_attrs.get('label', '')}  ({values})")
@@ -223,38 +267,53 @@ def default_tracking_uri_for(store: Path) -> str:
 
 @cli.command()
 def recommend(
-    max_mb: Optional[float] = typer.Option(None, "--max-mb", help="memory budget in MB (model + stored state + replay buffer)"),
-    max_gflops: Optional[float] = typer.Option(None, "--max-gflops", help="compute budget in GFLOPs per image"),
+    max_mb: Optional[float] = typer.Option(
+        None, "--max-mb", help="memory budget in MB of 2^20 bytes (model + stored state + replay buffer)"
+    ),
+    max_gflops: Optional[float] = typer.Option(
+        None, "--max-gflops", help="compute budget in GFLOPs per image (2 x multiply-adds)"
+    ),
     min_image_f1: Optional[float] = typer.Option(None, "--min-image-f1", help="keep only trials with at least this image F1"),
     metric: str = typer.Option("pixel_f1", "--metric", help="quality to maximise: pixel_f1, image_f1, pixel_auroc, image_auroc"),
     experiment: list[str] = typer.Option([], "--experiment", help="sweep (MLflow experiment) to read; repeatable; default all"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)"),
     store: Path = typer.Option(Path("runs"), "--store", help="folder of the local MLflow store"),
     as_json: bool = typer.Option(False, "--json", help="print the recommendation as JSON"),
+    tasks: Optional[int] = typer.Option(
+        None, "--tasks", min=1,
+        help="project each trial's memory and GFLOPs to N tasks, e.g. 'best under 20 MB after 30 products'",
+    ),
 ) -> None:
     """The Pareto-optimal trials that fit a budget, best first: what to deploy.
 
-    Example: cvad recommend --max-mb 20 --max-gflops 1
+    Example: cvad recommend --max-mb 20 --max-gflops 1 --tasks 30
     """
-    from cvad.selection import Budget, SelectionError, load_trials
+    from cvad.selection import Budget, SelectionError, load_trials, project_to_tasks
     from cvad.selection import recommend as select
     from cvad.tracking import TrackingError
 
     uri = tracking_uri or default_tracking_uri_for(store)
     try:
         trials = load_trials(uri, experiment or None)
+        if tasks is not None:
+            trials = project_to_tasks(trials, tasks)
+            for _, row in trials[trials["projection_error"].notna()].iterrows():
+                typer.echo(f"{row['sweep']} trial {row['trial']} kept as measured: {row['projection_error']}", err=True)
         rec = select(trials, metric, Budget(max_mb, max_gflops, min_image_f1))
     except (SelectionError, TrackingError) as exc:
         fail(str(exc))
+    summary = rec.summary() + (f" (MB and GFLOPs projected to {tasks} tasks)" if tasks is not None else "")
     if as_json:
-        typer.echo(json.dumps({"summary": rec.summary(), "metric": metric, "excluded": rec.excluded, "picks": rec.as_records()}, indent=1))
+        answer = {"summary": summary, "metric": metric, "projected_tasks": tasks, "excluded": rec.excluded}
+        typer.echo(json.dumps(answer | {"picks": rec.as_records()}, indent=1))
         return
-    typer.echo(rec.summary())
+    typer.echo(summary)
     for rank, row in rec.picks.iterrows():
         weights = "" if row["pretrained"] else "  [random weights]"
+        measured = "  [as measured: not projected]" if tasks is not None and row["projection_error"] else ""
         typer.echo(
             f"  {rank + 1}. {row['name']:<48} {metric} {row[metric]:.3f}  {row['memory_mb']:8.2f} MB  {row['gflops']:6.3f} GFLOPs"
-            f"  ({row['sweep']} trial {row['trial']}){weights}\n       {row['why']}"
+            f"  ({row['sweep']} trial {row['trial']}){weights}{measured}\n       {row['why']}"
         )
     left_out = ", ".join(f"{n} {reason}" for reason, n in rec.excluded.items() if n)
     if left_out:
@@ -284,11 +343,24 @@ def dashboard(
 
 
 @cli.command("list")
-def list_choices() -> None:
-    """List the registered models, backbones and datasets."""
-    from cvad.backbones import BACKBONES
+def list_choices(
+    taps_of: Optional[str] = typer.Option(None, "--taps", metavar="BACKBONE", help="list the blocks a method can tap: name, channels, stride"),
+) -> None:
+    """List the registered models, backbones and datasets (or one backbone's feature taps)."""
+    from cvad.backbones import BACKBONES, taps
     from cvad.models import METHODS
 
+    if taps_of is not None:
+        try:
+            listed = taps(taps_of)
+        except UnknownNameError as exc:
+            fail(str(exc))
+        typer.echo(f"{taps_of}: blocks a method can tap (model.params.layers), shallowest first")
+        typer.echo(f"  {'block':<14}{'channels':>9}{'stride':>8}")
+        for tap in listed:
+            typer.echo(f"  {tap.name:<14}{tap.channels:>9}{tap.stride:>8}")
+        typer.echo("a stride in layers means the last block at that stride")
+        return
     typer.echo("models (params and defaults):")
     for name in METHODS.names():
         defaults = METHODS.get(name).Params().model_dump(mode="json")

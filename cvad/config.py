@@ -64,6 +64,9 @@ class BackboneConfig(StrictModel):
 
 class ModelConfig(StrictModel):
     name: str = "padim"
+    preset: Literal["paper"] | None = Field(
+        None, description="'paper': start from the paper's configuration for this backbone (params given here win)"
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="the method's own parameters")
 
     @field_validator("name")
@@ -160,8 +163,14 @@ def validate_config(raw: dict) -> RunConfig:
     except ValidationError as exc:
         raise ConfigError("invalid config:\n  " + "\n  ".join(describe_errors(exc, RunConfig))) from None
     method = METHODS.get(config.model.name)
+    params = dict(config.model.params)
+    if config.model.preset == "paper":
+        try:
+            params = method.paper_preset(config.backbone.name, params) | params
+        except ValueError as exc:
+            raise ConfigError(f"invalid config:\n  model.preset: {exc}") from None
     try:
-        params = method.Params.model_validate(config.model.params)
+        params = method.Params.model_validate(params)
     except ValidationError as exc:
         lines = describe_errors(exc, method.Params, prefix="model.params")
         raise ConfigError(f"invalid config for model {method.name}:\n  " + "\n  ".join(lines)) from None

@@ -3,8 +3,11 @@
 GFLOPs
 ------
 ``count_gflops`` traces ``model.forward`` on one image with fvcore's
-``FlopCountAnalysis`` and counts **one fused multiply-add as one FLOP**, fvcore's
-convention. fvcore only knows convolutions, linear layers, matmuls, einsum, norms and
+``FlopCountAnalysis``, which counts multiply-adds (MACs), and reports **GFLOPs = 2 x GMACs**,
+the paper's convention (its STFPM row, teacher + student through MobileNetV2's first
+stride-32 block, is 2 x 2 x 0.2255 G multiply-adds = 0.90 GFLOPs); the raw GMACs are kept
+beside it. The rules below are in multiply-adds (an elementwise op or a comparison counts
+as one, like a multiply-add). fvcore only knows convolutions, linear layers, matmuls, einsum, norms and
 a few resamplers; everything else would silently count as zero, which hides exactly the
 cost that differs between anomaly detectors (k-NN distances, Mahalanobis products,
 attention, routing). This module adds handles so that every op that computes values
@@ -39,10 +42,12 @@ is counted, with these rules:
   ``cosine_similarity`` 3 (three dot products).
 * Composites: ``softmax``/``log_softmax`` count 3 per element (exp, the row sum, the
   divide or subtract; the max-shift for stability is not counted). ``batch_norm`` at
-  inference is one multiply-add per element (``x * a + b`` with ``a``, ``b`` folded
-  from the running statistics and the affine weights; fvcore counts 2, a multiply and
-  an add, which breaks its own MAC convention); with batch statistics it counts 5
-  per element, like fvcore's ``layer_norm``/``group_norm``, which are kept.
+  inference right after a convolution is **free**: a deployed model folds it into the
+  convolution's weights and bias (TFLite, ONNX Runtime and OpenVINO all do). Elsewhere
+  it is one multiply-add per element (``x * a + b`` with ``a``, ``b`` folded from the
+  running statistics and the affine weights; fvcore counts 2, a multiply and an add,
+  which breaks its own MAC convention); with batch statistics it counts 5 per element,
+  like fvcore's ``layer_norm``/``group_norm``, which are kept.
 * Pooling counts output elements x kernel area (average and max pooling alike);
   adaptive pooling counts its input elements (fvcore). Bilinear upsampling counts 4 per
   output element and nearest 1 (fvcore); bicubic 16, trilinear 8, linear 2.
@@ -58,19 +63,22 @@ one. The count is that of the path the traced image took through ``forward``.
 
 With these rules the reference backbones at 224 px keep their published cost: the
 elementwise work adds 0.3-4.5 % to the multiply-adds of their conv and linear layers
-(MobileNetV2 0.314 G against 0.301 G, DeiT-Tiny 1.266 G with attention, ResNet-18 1.821 G).
+(MobileNetV2 0.314 GMACs against 0.301 G, DeiT-Tiny 1.266 with attention, ResNet-18 1.821).
 
 Memory
 ------
 ``memory_footprint`` adds ``numel * element_size`` of the real tensors a model stores,
-in MB = 10^6 bytes. Storage is counted once: a tensor listed in two parts (a teacher's
+in MB = 2^20 bytes (the paper's unit: its replay-100 and replay-40 rows differ by
+60 x 150,528 B / 2^20 = 8.61 MB); the byte counts are kept. Storage is counted once: a tensor listed in two parts (a teacher's
 layers shared with the student) counts in the first part only, and views count the
 storage bytes they actually cover, once.
 
 Latency
 -------
-``measure_latency_ms``: median wall time of the whole ``forward`` on one image, after
-warm-up, under ``torch.inference_mode``.
+``measure_latency``: wall time of the whole ``forward`` on one image, under
+``torch.inference_mode``, after warm-up: the median of repeated runs and their spread (the
+interquartile range). A spread above ``NOISY_SPREAD`` of the median says the machine was busy
+while measuring: the figure is flagged as noisy, not kept silently as a fact.
 """
 
 from __future__ import annotations
@@ -95,7 +103,9 @@ with warnings.catch_warnings():  # fvcore scripts a loss function at import
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-BYTES_PER_MB = 1_000_000
+BYTES_PER_MB = 2**20  # MiB, the paper's MB
+NOISY_SPREAD = 0.25  # interquartile range / median above which a latency measurement is flagged
+FLOPS_PER_MAC = 2  # the paper's convention
 _PROBE_SEED = 0
 
 # A handle maps a traced op's (inputs, outputs), lists of torch._C.Value, to its FLOPs.
@@ -104,20 +114,34 @@ Handle = Callable[[list[Any], list[Any]], float]
 
 @dataclass
 class FlopReport:
-    """Per-image cost of ``forward``: 1 multiply-add = 1 FLOP."""
+    """Per-image cost of ``forward``: GMACs counted, GFLOPs = 2 x GMACs."""
 
-    gflops: float
-    by_operator: dict[str, float]  # GFLOPs per op, fvcore's names ("conv", "cdist", "add", ...)
+    gmacs: float
+    by_operator: dict[str, float]  # GMACs per op, fvcore's names ("conv", "cdist", "add", ...)
     uncounted_ops: list[str]  # ops met in the trace that have no handle and are not free
+
+    @property
+    def gflops(self) -> float:
+        return FLOPS_PER_MAC * self.gmacs
 
 
 @dataclass
 class MemoryReport:
-    """Bytes a deployed model stores, each storage counted once; MB = 10^6 bytes."""
+    """Bytes a deployed model stores, each storage counted once; MB = 2^20 bytes."""
 
-    total_mb: float
-    breakdown_mb: dict[str, float]
     bytes_by_part: dict[str, int]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_part.values())
+
+    @property
+    def total_mb(self) -> float:
+        return self.total_bytes / BYTES_PER_MB
+
+    @property
+    def breakdown_mb(self) -> dict[str, float]:
+        return {part: count / BYTES_PER_MB for part, count in self.bytes_by_part.items()}
 
 
 # --------------------------------------------------------------------------- handles
@@ -232,11 +256,18 @@ def _pool(spatial_dims: int) -> Handle:
     return handle
 
 
+_CONVOLUTIONS = {"aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::convolution"}
+
+
 def _batch_norm(inputs: list[Any], outputs: list[Any]) -> float:
     uses_batch_statistics = inputs[5].toIValue()  # (input, weight, bias, mean, var, training, ...)
     if not isinstance(uses_batch_statistics, bool):
         raise ValueError("aten::batch_norm's signature changed: its 6th argument is no longer `training`")
-    return (5 if uses_batch_statistics else 1) * _numel(inputs[0])
+    if uses_batch_statistics:
+        return 5 * _numel(inputs[0])
+    if inputs[0].node().kind() in _CONVOLUTIONS:
+        return 0  # folded into the convolution's weights and bias when deployed
+    return _numel(inputs[0])
 
 
 def _cosine_similarity(inputs: list[Any], outputs: list[Any]) -> float:
@@ -391,9 +422,9 @@ def count_gflops(model: nn.Module, image_size: int, *, channels: int = 3, device
         analysis.set_op_handle(**_HANDLES)
         analysis.set_op_handle(**dict.fromkeys(_FREE_OPS))
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("no_tracer_warning")
-        by_operator = {op: flops / 1e9 for op, flops in analysis.by_operator().items() if flops > 0}
+        by_operator = {op: macs / 1e9 for op, macs in analysis.by_operator().items() if macs > 0}
         uncounted = sorted(analysis.unsupported_ops())
-    return FlopReport(gflops=sum(by_operator.values()), by_operator=by_operator, uncounted_ops=uncounted)
+    return FlopReport(gmacs=sum(by_operator.values()), by_operator=by_operator, uncounted_ops=uncounted)
 
 
 # --------------------------------------------------------------------------- memory
@@ -456,27 +487,38 @@ def memory_footprint(parts: dict[str, list[torch.Tensor]]) -> MemoryReport:
             new_bytes += _covered_bytes(merged) - (0 if before is None else _covered_bytes(before))
             covered[key] = merged
         bytes_by_part[part] = new_bytes
-    total = sum(bytes_by_part.values())
-    return MemoryReport(
-        total_mb=total / BYTES_PER_MB,
-        breakdown_mb={part: count / BYTES_PER_MB for part, count in bytes_by_part.items()},
-        bytes_by_part=bytes_by_part,
-    )
+    return MemoryReport(bytes_by_part=bytes_by_part)
 
 
 # --------------------------------------------------------------------------- latency
 
 
-def measure_latency_ms(
+@dataclass
+class LatencyReport:
+    """Milliseconds of one whole ``forward`` at batch 1: the median of ``runs`` timed runs and their spread."""
+
+    median_ms: float
+    iqr_ms: float  # interquartile range of the timed runs
+    runs: int
+
+    @property
+    def noisy(self) -> bool:
+        return self.iqr_ms > NOISY_SPREAD * self.median_ms
+
+    def as_record(self) -> dict:
+        return {"latency_ms": self.median_ms, "latency_iqr_ms": self.iqr_ms, "latency_runs": self.runs, "latency_noisy": self.noisy}
+
+
+def measure_latency(
     model: nn.Module,
     image_size: int,
     *,
     warmup: int = 3,
-    repeats: int = 10,
+    repeats: int = 20,
     device: str | torch.device = "cpu",
     channels: int = 3,
-) -> float:
-    """Median milliseconds of one whole ``forward`` at batch 1 (after ``warmup`` untimed runs)."""
+) -> LatencyReport:
+    """Latency of one whole ``forward`` at batch 1: ``warmup`` untimed runs, then ``repeats`` timed ones."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     device = torch.device(device)
@@ -496,5 +538,9 @@ def measure_latency_ms(
             start = time.perf_counter()
             model(image)
             synchronize()
-            timings.append(time.perf_counter() - start)
-    return statistics.median(timings) * 1e3
+            timings.append((time.perf_counter() - start) * 1e3)
+    if len(timings) > 1:
+        first, _, third = statistics.quantiles(timings, n=4)
+    else:
+        first = third = timings[0]
+    return LatencyReport(median_ms=statistics.median(timings), iqr_ms=third - first, runs=len(timings))

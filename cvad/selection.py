@@ -1,8 +1,10 @@
 """Choosing what to deploy: trials from MLflow, Pareto fronts and budget recommendations.
 
 One implementation for ``cvad recommend`` and the dashboard. Loading turns MLflow runs (the
-layout of ``cvad.tracking``) into a table with one row per trial; everything else is a pure
-function of that table, so it is tested on hand-made rows.
+layout of ``cvad.tracking``) into a table with one row per trial, every figure in the paper's units
+(MB = 2^20 bytes, GFLOPs = 2 x multiply-adds) whichever record schema logged it, so that trials of
+old and new sweeps and the published figures compare. Everything else is a function of that
+table; all but the projection to more tasks (which prices configurations) is tested on hand-made rows.
 
 A recommendation is the Pareto-optimal set (quality up, MB down, GFLOPs down) of the finished
 trials that fit the budget, best quality first; each entry says what it wins and what it costs
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from cvad.pareto import pareto_front
+from cvad.published import PUBLISHED, PublishedCell
 
 QUALITY_METRICS = ("pixel_f1", "image_f1", "pixel_auroc", "image_auroc")
 METRIC_NAMES = {"pixel_f1": "pixel F1", "image_f1": "image F1", "pixel_auroc": "pixel ROC-AUC", "image_auroc": "image ROC-AUC"}
@@ -35,22 +38,28 @@ BACKBONE_NAMES = {
     "resnet18": "ResNet18",
     "wide_resnet50_2": "WideResNet50",
 }
-TABLE_METRICS = (*QUALITY_METRICS, "forgetting_pixel_f1", "memory_mb", "gflops", "latency_ms", "wall_seconds")
+TABLE_METRICS = (*QUALITY_METRICS, "forgetting_pixel_f1", "memory_mb", "gflops", "latency_ms", "latency_noisy", "wall_seconds")
 
 
-# methods.md section 7: the paper's published figures on MVTec AD (MobileNetV2 unless named).
-# Published numbers, never measured here: the dashboard draws them only as a labelled reference.
+MB_SCHEMA_1 = 1e6 / 2**20  # schema 1 records count MB as 10^6 bytes and GFLOPs as multiply-adds (GMACs)
+PRICED_PARTS = ("model.", "backbone.name", "strategy.", "dataset.image_size")  # the params that set a price
+
+
+def published_name(cell: PublishedCell) -> str | None:
+    """The overlay's label for a headline cell (MVTec AD, MobileNetV2; Tiny-Dinomaly on DeiT-Tiny), else None."""
+    if cell.dataset != "mvtec":
+        return None
+    if cell.backbone == "mobilenetv2_100":
+        return cell.row
+    if (cell.row, cell.backbone) == ("Dinomaly, replay 100", "deit_tiny_patch16_224"):
+        return "Tiny-Dinomaly (DeiT-Tiny), replay 100"
+    return None
+
+
+# The paper's headline figures on MVTec AD in its units (MB = 2^20 bytes, GFLOPs = 2 x multiply-adds), the units
+# of the trial table. Published numbers, never measured here: the dashboard draws them only as a labelled reference.
 PUBLISHED_MVTEC = pd.DataFrame(
-    [
-        ("PaSTe, replay 100", 0.92, 0.45, 0.68, 16.94),
-        ("STFPM, replay 100", 0.91, 0.42, 0.90, 19.82),
-        ("PatchCoreCL++ 30k", 0.96, 0.39, 4.15, 31.04),
-        ("PatchCoreCL 30k", 0.95, 0.38, 49.16, 31.04),
-        ("PaDiM lite-multimodal", 0.90, 0.41, 0.57, 46.67),
-        ("SimpleNet, replay 100", 0.87, 0.27, 1.20, 17.41),
-        ("CFA, replay 100", 0.85, 0.22, 5.73, 20.46),
-        ("Tiny-Dinomaly (DeiT-Tiny), replay 100", 0.88, 0.45, 3.39, 50.87),
-    ],
+    [(published_name(c), c.image_f1, c.pixel_f1, c.gflops, c.memory_mb) for c in PUBLISHED if published_name(c)],
     columns=["name", "image_f1", "pixel_f1", "gflops", "memory_mb"],
 )
 
@@ -114,14 +123,60 @@ def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.D
             "strategy": tags.get("cvad.strategy", ""),
             "dataset": tags.get("cvad.dataset", ""),
             "pretrained": tags.get("cvad.pretrained") == "true",
+            "schema": schema_of(tags, metrics),
             "error": tags.get("cvad.error"),
+            "pruned": tags.get("cvad.pruned"),  # why a sweep priced it over budget and never trained it
             "params": dict(run.data.params),
             "experiment_id": run.info.experiment_id,
         }
         row.update({m: metrics.get(m) for m in TABLE_METRICS})
+        row["gmacs"] = metrics.get("gmacs")
+        if row["schema"] == 1 and row["memory_mb"] is not None:
+            row.update(memory_mb=row["memory_mb"] * MB_SCHEMA_1, gflops=2 * row["gflops"], gmacs=row["gflops"])
         row["name"] = display_name(row)
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(["sweep", "trial"]).reset_index(drop=True)
+    table = pd.DataFrame(rows).astype({"schema": "Int64"})
+    return table.sort_values(["sweep", "trial"]).reset_index(drop=True)
+
+
+def schema_of(tags: dict, metrics: dict) -> int | None:
+    """The record schema of a trial's figures: its ``cvad.schema`` tag; 1 for runs logged before the tag existed."""
+    if "cvad.schema" in tags:
+        return int(tags["cvad.schema"])
+    return 1 if "memory_mb" in metrics else None  # None: no record was logged (a failed trial)
+
+
+def project_to_tasks(trials: pd.DataFrame, tasks: int) -> pd.DataFrame:
+    """The trials with MB and GFLOPs re-priced after ``tasks`` tasks (``cvad.cost.price_config``), measured ones kept.
+
+    Answers "best under 20 MB after 30 products" from sweeps run on fewer tasks. Each trial's configuration is
+    read back from its MLflow params (only the parts that set the price) and priced once per distinct one. A trial
+    whose configuration cannot be priced keeps its measured figures and says why in ``projection_error``.
+    """
+    from cvad.config import validate_config
+    from cvad.cost import price_config
+    from cvad.tracking import param_value, unflatten
+
+    out = trials.copy()
+    out["measured_memory_mb"], out["measured_gflops"] = trials["memory_mb"], trials["gflops"]
+    out["projected_tasks"] = pd.Series(pd.NA, index=out.index, dtype="Int64")
+    out["projection_error"] = None
+    prices: dict[str, dict | str] = {}
+    for index, row in trials[trials["status"].eq("FINISHED")].iterrows():
+        raw = unflatten({k: param_value(v) for k, v in row["params"].items() if k.startswith(PRICED_PARTS)})
+        key = json.dumps(raw, sort_keys=True)
+        if key not in prices:
+            try:
+                prices[key] = price_config(validate_config(raw), tasks)
+            except Exception as exc:  # one configuration that no longer prices must not hide the others
+                prices[key] = f"{type(exc).__name__}: {exc}"
+        price = prices[key]
+        if isinstance(price, str):
+            out.at[index, "projection_error"] = price
+            continue
+        out.loc[index, ["memory_mb", "gflops", "gmacs"]] = [price["memory_mb"], price["gflops"], price["gmacs"]]
+        out.at[index, "projected_tasks"] = tasks
+    return out
 
 
 def usable(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -183,8 +238,12 @@ class Recommendation:
 def recommend(trials: pd.DataFrame, metric: str = "pixel_f1", budget: Budget = Budget()) -> Recommendation:
     if metric not in QUALITY_METRICS:
         raise SelectionError(f"unknown metric {metric!r}; choose one of: {', '.join(QUALITY_METRICS)}")
-    excluded = {"failed or unfinished": int((~trials["status"].eq("FINISHED")).sum())}
-    finished = trials[trials["status"].eq("FINISHED")]
+    pruned = trials["pruned"].notna() if "pruned" in trials else pd.Series(False, index=trials.index)
+    excluded = {
+        "failed or unfinished": int((~trials["status"].eq("FINISHED")).sum()),
+        "pruned before training (priced over the sweep's budget)": int(pruned.sum()),
+    }
+    finished = trials[trials["status"].eq("FINISHED") & ~pruned]
     candidates = usable(finished, metric)
     excluded[f"{metric} not measured"] = len(finished) - len(candidates)
     fits = pd.Series(True, index=candidates.index)

@@ -10,12 +10,16 @@ What a trial's run holds (the dashboard and ``cvad recommend`` read these names)
 - params: the flattened run config (``model.params.bank_size`` ...);
 - tags: ``cvad.sweep``, ``cvad.model``, ``cvad.backbone``, ``cvad.strategy``, ``cvad.dataset``,
   ``cvad.weights`` (imagenet / random / a path; ``cvad.pretrained`` true|false after the run),
-  ``cvad.seed``, ``cvad.version``, ``cvad.trial`` (Optuna trial number), ``cvad.error`` if it failed;
+  ``cvad.seed``, ``cvad.version``, ``cvad.trial`` (Optuna trial number), ``cvad.error`` if it failed,
+  ``cvad.schema`` (the result record's schema, after the run; runs logged before schema 2 lack it);
 - metrics at step t (task index): ``image_f1``, ``image_auroc``, ``pixel_f1``, ``pixel_auroc``,
   ``routing_accuracy`` = average over the tasks seen after step t, and ``task.<name>.<metric>``
   for each seen task; the last step's values are the final results;
-- final metrics: ``forgetting_pixel_f1``, ``forgetting_image_f1``, ``memory_mb``, ``gflops``,
-  ``latency_ms``, ``memory_mb.<part>``, ``train_seconds``, ``eval_seconds``, ``wall_seconds``;
+- final metrics: ``forgetting_pixel_f1``, ``forgetting_image_f1``, ``memory_mb`` and ``memory_mb.<part>``
+  (MB = 2^20 bytes), ``memory_bytes``, ``gflops`` (2 x ``gmacs``, the multiply-adds), ``gmacs``,
+  ``latency_ms`` (median of batch-1 runs; ``latency_iqr_ms`` their spread, ``latency_noisy`` 1 when it says the
+  machine was busy), ``train_seconds``, ``eval_seconds``, ``wall_seconds``. Schema 1 runs hold
+  ``memory_mb`` in 10^6-byte MB and the multiply-adds as ``gflops`` (``cvad.selection`` converts them);
 - artifacts: ``result.json``, ``config.yaml``, ``matrices/<metric>.csv``, ``overlays/*.png``.
 """
 
@@ -55,6 +59,34 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    """{"a.b.c": value} -> nested config: ``flatten`` read back."""
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def param_text(value: Any) -> str:
+    """A config value as a trial's MLflow param; ``param_value`` reads it back."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def param_value(text: str) -> Any:
+    """A logged param as its config value: None, booleans, numbers and lists come back typed, the rest as text."""
+    constants = {"None": None, "True": True, "False": False}
+    if text in constants:
+        return constants[text]
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
@@ -127,7 +159,7 @@ class SweepTracker:
             self.experiment_id, run_name=run_name, tags={"mlflow.parentRunId": parent_id, "cvad.role": "trial", **tags}
         )
         run_id = run.info.run_id
-        params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(config).items()]
+        params = [Param(k, param_text(v)) for k, v in flatten(config).items()]
         for start in range(0, len(params), MAX_PARAMS_PER_CALL):
             self.client.log_batch(run_id, params=params[start : start + MAX_PARAMS_PER_CALL])
         return run_id
@@ -156,15 +188,18 @@ class SweepTracker:
         eff, final = record["efficiency"], record["final"]
         last = len(record["tasks"]) - 1
         values = {k: final.get(k) for k in SUMMARY_METRICS}
-        values.update({"memory_mb": eff["memory_mb"], "gflops": eff["gflops"], "latency_ms": eff["latency_ms"]})
+        values.update({k: eff[k] for k in ("memory_mb", "memory_bytes", "gflops", "gmacs", "latency_ms")})
+        if eff["latency_ms"] is not None:  # a spread that says the machine was busy is kept beside the figure
+            values.update(latency_iqr_ms=eff["latency_iqr_ms"], latency_noisy=float(eff["latency_noisy"]))
         values.update({f"memory_mb.{part}": mb for part, mb in eff["memory_breakdown_mb"].items()})
         wall = record["wall_seconds"]
         values.update({"train_seconds": wall["train"], "eval_seconds": wall["eval"], "wall_seconds": wall["total"]})
         self.log_metrics(run_id, values, step=last)
         from mlflow.entities import RunTag
 
-        weights = record["weights"]
-        self.client.log_batch(run_id, tags=[RunTag("cvad.pretrained", str(bool(weights["pretrained"])).lower())])
+        pretrained = str(bool(record["weights"]["pretrained"])).lower()
+        tags = [RunTag("cvad.pretrained", pretrained), RunTag("cvad.schema", str(record["schema"]))]
+        self.client.log_batch(run_id, tags=tags)
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             (root / "result.json").write_text(json.dumps(record, indent=1))

@@ -20,12 +20,14 @@ import cvad
 from cvad.config import RunConfig
 from cvad.continual.protocol import METRICS, LoaderSettings, run_continual
 from cvad.data import load_task_stream
-from cvad.efficiency import count_gflops, measure_latency_ms, memory_footprint
+from cvad.cost import measure_efficiency
+from cvad.efficiency import measure_latency
 from cvad.metrics import final_average, forgetting
 from cvad.models import build_model
+from cvad.models.components.frozen import FeatureStore
 from cvad.overlays import write_overlays
 
-RESULT_SCHEMA = 1
+RESULT_SCHEMA = 2  # 2: MB = 2^20 bytes and GFLOPs = 2 x GMACs, raw counts kept (1: MB = 10^6 bytes, GFLOPs = GMACs)
 Progress = Callable[[str, dict], None]
 
 
@@ -43,11 +45,15 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def run_trial(config: RunConfig, progress: Progress | None = None, output_dir: Path | None = None) -> dict:
+def run_trial(
+    config: RunConfig, progress: Progress | None = None, output_dir: Path | None = None, feature_cache: Path | None = None
+) -> dict:
     """Run one continual experiment end to end and return its result record.
 
     With ``output_dir``, anomaly-map overlays of each task's first defective test images
-    are written to ``output_dir/overlays`` (after the last step).
+    are written to ``output_dir/overlays`` (after the last step). ``feature_cache`` is a folder
+    where frozen networks' outputs per training image are kept for later runs (a sweep's);
+    the record is the same with or without it.
     """
     notify = progress or (lambda event, info: None)
     started = time.perf_counter()
@@ -74,15 +80,15 @@ def run_trial(config: RunConfig, progress: Progress | None = None, output_dir: P
         settings=settings,
         replay_size=config.strategy.replay_size,
         progress=notify,
+        features=FeatureStore(feature_cache),
     )
     protocol_seconds = time.perf_counter() - protocol_started
 
-    parts = model.stored_tensors()
-    if stream.replay is not None:
-        parts["replay_buffer"] = [stream.replay.images]
-    memory = memory_footprint(parts)
-    flops = count_gflops(model, config.dataset.image_size, device=device)
-    latency = measure_latency_ms(model, config.dataset.image_size, device=device) if config.measure_latency else None
+    replay = stream.replay.images if stream.replay is not None else None
+    efficiency = measure_efficiency(model, config.dataset.image_size, device, replay)
+    latency = {"latency_ms": None}
+    if config.measure_latency:
+        latency = measure_latency(model, config.dataset.image_size, device=device).as_record()
     if output_dir is not None:
         write_overlays(model, splits, config.dataset.image_size, device, Path(output_dir) / "overlays")
 
@@ -98,14 +104,9 @@ def run_trial(config: RunConfig, progress: Progress | None = None, output_dir: P
         "tasks": stream.tasks,
         "matrices": matrices,
         "final": final,
-        "efficiency": {
-            "memory_mb": memory.total_mb,
-            "memory_breakdown_mb": memory.breakdown_mb,
-            "memory_bytes": memory.bytes_by_part,
-            "gflops": flops.gflops,
-            "gflops_by_operator": flops.by_operator,
-            "gflops_uncounted_ops": flops.uncounted_ops,
-            "latency_ms": latency,
+        "efficiency": efficiency
+        | latency
+        | {
             "latency_device": f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         },
         "weights": model.weights.as_dict(),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import os
 import sys
 from pathlib import Path
@@ -19,7 +18,10 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from cvad.selection import METRIC_NAMES, PUBLISHED_MVTEC, QUALITY_METRICS, Budget, SelectionError, load_trials, pareto_mask, recommend
+from cvad.selection import (
+    METRIC_NAMES, PUBLISHED_MVTEC, QUALITY_METRICS, Budget, SelectionError, load_trials, pareto_mask, project_to_tasks,
+    recommend,
+)  # fmt: skip
 from cvad.tracking import TrackingError, default_tracking_uri
 
 st.set_page_config(page_title="cvad: what to deploy", layout="wide")
@@ -38,10 +40,19 @@ def cached_trials(uri: str, sweeps: tuple[str, ...]) -> pd.DataFrame:
     return load_trials(uri, list(sweeps) or None)
 
 
+@st.cache_data(max_entries=8, show_spinner="pricing each configuration after N tasks ...")
+def cached_projection(trials: pd.DataFrame, tasks: int) -> pd.DataFrame:
+    """Kept until the trials change: pricing builds each configuration's model (seconds each)."""
+    return project_to_tasks(trials, tasks)
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(uri)
+
+
+AXIS_LABELS = {"memory_mb": "memory (MB = 2^20 bytes)", "gflops": "GFLOPs per image (2 x multiply-adds)"}
 
 
 def log_axis(values: pd.Series) -> bool:
@@ -51,11 +62,11 @@ def log_axis(values: pd.Series) -> bool:
 
 
 def pareto_figure(trials: pd.DataFrame, metric: str, x: str, front: pd.Series, published: bool) -> go.Figure:
-    label = {"memory_mb": "memory (MB)", "gflops": "GFLOPs per image"}[x]
+    shown = pd.concat([trials[x], PUBLISHED_MVTEC[x]]) if published else trials[x]
     figure = px.scatter(
         trials, x=x, y=metric, color="model", symbol="backbone", hover_name="name",
         hover_data={"config": True, "sweep": True, "trial": True, "model": False, "backbone": False},
-        log_x=log_axis(trials[x]), labels={x: label, metric: METRIC_NAMES[metric]},
+        log_x=log_axis(shown), labels={x: AXIS_LABELS[x], metric: METRIC_NAMES[metric]},
     )  # fmt: skip
     line = trials[front].sort_values(x)
     figure.add_trace(go.Scatter(x=line[x], y=line[metric], mode="lines+markers", name="Pareto front", line={"color": "black", "dash": "dot"}, marker={"size": 14, "symbol": "circle-open", "color": "black"}))
@@ -121,26 +132,41 @@ def main() -> None:
         st.error(f"cannot read trials from {uri}: {exc}")
         return
     sweeps = st.sidebar.multiselect("sweeps", sorted(everything["sweep"].unique()), default=sorted(everything["sweep"].unique()))
+    tasks = st.sidebar.number_input(
+        "project to N tasks", min_value=0, value=None, step=1, placeholder="as measured", key="tasks",
+        help="re-price each trial's memory and GFLOPs after N tasks (0 or empty: as measured)",
+    )  # fmt: skip
+    if tasks:
+        everything = cached_projection(everything, int(tasks))
     trials = everything[everything["sweep"].isin(sweeps)].copy()
     trials["config"] = trials["params"].map(lambda p: "<br>".join(f"{k}={v}" for k, v in sorted(p.items())))
     metric = st.sidebar.selectbox("quality metric", QUALITY_METRICS, format_func=METRIC_NAMES.get)
-    measured = trials[trials["status"].eq("FINISHED")]
-    top_mb = float(measured["memory_mb"].max()) if measured["memory_mb"].notna().any() else 100.0
-    top_gflops = float(measured["gflops"].max()) if measured["gflops"].notna().any() else 10.0
-    max_mb = st.sidebar.number_input("max memory (MB)", min_value=0.0, value=math.ceil(top_mb * 10) / 10, step=1.0, key="max_mb")
-    max_gflops = st.sidebar.number_input("max GFLOPs per image", min_value=0.0, value=math.ceil(top_gflops * 100) / 100, step=0.1, key="max_gflops")
+    # Empty budgets mean no limit: a default taken from the measured figures would cut trials projected to more tasks.
+    max_mb = st.sidebar.number_input(
+        "max memory (MB)", min_value=0.0, value=None, step=1.0, placeholder="no limit", key="max_mb",
+        help="MB = 2^20 bytes",
+    )  # fmt: skip
+    max_gflops = st.sidebar.number_input(
+        "max GFLOPs per image", min_value=0.0, value=None, step=0.1, placeholder="no limit", key="max_gflops",
+        help="GFLOPs = 2 x multiply-adds",
+    )  # fmt: skip
     min_image_f1 = st.sidebar.slider("min image F1", 0.0, 1.0, 0.0, 0.01, key="min_image_f1")
     published = st.sidebar.checkbox("show the paper's published figures (MVTec AD)", value=False)
 
     rec = recommend(trials, metric, Budget(max_mb, max_gflops, min_image_f1 or None))
     tab_recommend, tab_pareto, tab_continual, tab_runs = st.tabs(["Recommendation", "Pareto fronts", "Continual", "Runs"])
+    projected = f" (MB and GFLOPs projected to {tasks} tasks)" if tasks else ""
     with tab_recommend:
-        (st.success if not rec.picks.empty else st.warning)(rec.summary())
+        (st.success if not rec.picks.empty else st.warning)(rec.summary() + projected)
         if not rec.picks.empty:
             st.dataframe(rec.picks[["name", metric, "memory_mb", "gflops", "image_f1", "pretrained", "why", "sweep", "trial"]], hide_index=True, width="stretch")
         left_out = ", ".join(f"{n} {reason}" for reason, n in rec.excluded.items() if n)
         if left_out:
             st.caption(f"left out: {left_out}")
+        if tasks and trials["projection_error"].notna().any():
+            kept = trials[trials["projection_error"].notna()]
+            reasons = "; ".join(f"{n}: {e}" for n, e in zip(kept["name"], kept["projection_error"]))
+            st.warning(f"Kept as measured, not projected: {reasons}")
         if not trials["pretrained"].all():
             st.warning("Some trials ran with random (untrained) backbone weights; their figures do not reflect a pretrained model.")
     usable = trials[trials["status"].eq("FINISHED") & trials[metric].notna()]
@@ -152,7 +178,11 @@ def main() -> None:
             left, right = st.columns(2)
             left.plotly_chart(pareto_figure(usable, metric, "memory_mb", front, published), width="stretch")
             right.plotly_chart(pareto_figure(usable, metric, "gflops", front, published), width="stretch")
-            cube = px.scatter_3d(usable, x="memory_mb", y="gflops", z=metric, color="model", symbol="backbone", hover_name="name", log_x=log_axis(usable["memory_mb"]), log_y=log_axis(usable["gflops"]))
+            cube = px.scatter_3d(
+                usable, x="memory_mb", y="gflops", z=metric, color="model", symbol="backbone", hover_name="name",
+                log_x=log_axis(usable["memory_mb"]), log_y=log_axis(usable["gflops"]),
+                labels={**AXIS_LABELS, metric: METRIC_NAMES[metric]},
+            )  # fmt: skip
             cube.update_layout(height=560)
             st.plotly_chart(cube, width="stretch")
             if published:
@@ -168,7 +198,10 @@ def main() -> None:
         if statuses:
             keep &= trials["status"].isin(statuses)
         table = trials[keep]
-        columns = ["sweep", "trial", "name", "status", *QUALITY_METRICS, "forgetting_pixel_f1", "memory_mb", "gflops", "latency_ms", "pretrained", "error"]
+        columns = ["sweep", "trial", "name", "status", *QUALITY_METRICS, "forgetting_pixel_f1", "memory_mb", "gflops"]
+        columns += ["latency_ms", "latency_noisy", "pretrained", "schema", "error", "pruned"]
+        if tasks:
+            columns += ["measured_memory_mb", "measured_gflops", "projected_tasks", "projection_error"]
         shown = table[columns].copy()
         if uri.startswith("http"):
             shown["mlflow"] = [f"{uri.rstrip('/')}/#/experiments/{e}/runs/{r}" for e, r in zip(table["experiment_id"], table["run_id"])]

@@ -44,8 +44,8 @@ def test_memory_is_rebuilt_from_each_task(nuts):
     grid = (SIZE // 4) ** 2  # stride-4 grid positions
     assert first.shape == (grid, sum(model.backbone.channels))
     with torch.no_grad():
-        features, _ = model.describe(nuts[4:].float() / 255)
-    model.build_memory(task_of(nuts[4:]))
+        features, _ = model.describe(model.backbone(nuts[4:].float() / 255))
+    model.fit_task(task_of(nuts[4:]))  # the memory is built before the descriptor trains on it
     assert torch.allclose(model.memory, features.mean(dim=0), atol=1e-5)  # the per-position mean of that task
     assert not torch.allclose(model.memory, first)
 

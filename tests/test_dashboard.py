@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cvad.selection import Budget, load_trials, recommend
+from cvad.selection import Budget, load_trials, project_to_tasks, recommend
 from test_sweep import run_sweep, tiny_sweep
 
 APP = str(Path(__file__).parents[1] / "dashboard" / "app.py")
@@ -57,6 +57,57 @@ def test_app_recommends_what_cvad_recommend_does(store, monkeypatch):
     assert tight.picks.loc[0, "memory_mb"] == smallest
     assert at.success[0].value == tight.summary()
     assert len(at.get("plotly_chart")) == 3  # MB front, GFLOPs front, 3-D view
+
+
+def test_app_projects_to_more_tasks_before_the_budget_and_the_charts(store, monkeypatch):
+    at = app(store, monkeypatch)
+    at.number_input(key="tasks").set_value(30).run()
+    at.checkbox[0].check().run()  # the paper's published figures
+    assert not at.exception
+    projected = project_to_tasks(load_trials(store), 30)
+    assert at.success[0].value == recommend(projected, "pixel_f1").summary() + " (MB and GFLOPs projected to 30 tasks)"
+    memory_chart = at.get("plotly_chart")[0].proto.spec
+    assert "memory (MB = 2^20 bytes)" in memory_chart and "PaSTe, replay 100" in memory_chart
+    assert "GFLOPs per image (2 x multiply-adds)" in at.get("plotly_chart")[1].proto.spec
+
+
+def test_projection_prices_each_trials_own_configuration(store):
+    from mlflow.tracking import MlflowClient
+
+    from cvad.config import validate_config
+    from cvad.cost import price_config
+
+    projected = project_to_tasks(load_trials(store), 6)
+    assert projected["projection_error"].isna().all() and projected["projected_tasks"].eq(6).all()
+    multimodal = projected[projected["params"].map(lambda p: p["model.params.continual"] == "multimodal")].iloc[0]
+    assert multimodal["memory_mb"] > multimodal["measured_memory_mb"]  # one Gaussian per task: 6 instead of 2
+    result = json.loads(Path(MlflowClient(store).download_artifacts(multimodal["run_id"], "result.json")).read_text())
+    price = price_config(validate_config(result["config"]), 6)  # the config as run, not as read back from the params
+    assert (multimodal["memory_mb"], multimodal["gflops"]) == (price["memory_mb"], price["gflops"])
+    logged = result["efficiency"]
+    assert (multimodal["measured_memory_mb"], multimodal["measured_gflops"]) == (logged["memory_mb"], logged["gflops"])
+
+
+def test_cli_recommend_projects_to_more_tasks(store):
+    from typer.testing import CliRunner
+
+    from cvad.cli import cli
+
+    trials = load_trials(store)
+    multimodal = trials[trials["params"].map(lambda p: p["model.params.continual"] == "multimodal")].iloc[0]
+    budget = f"{multimodal['memory_mb'] + 0.001:.3f}"  # fits as measured after 2 tasks, not after 30
+    args = ["recommend", "--tracking-uri", store, "--max-mb", budget, "--json"]
+    measured = json.loads(CliRunner().invoke(cli, args).stdout)
+    result = CliRunner().invoke(cli, [*args, "--tasks", "30"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    expected = recommend(project_to_tasks(trials, 30), "pixel_f1", Budget(max_mb=float(budget)))
+    assert answer["projected_tasks"] == 30
+    assert answer["summary"] == expected.summary() + " (MB and GFLOPs projected to 30 tasks)"
+    assert [p["run_id"] for p in answer["picks"]] == list(expected.picks["run_id"])
+    assert answer["picks"][0]["memory_mb"] == pytest.approx(expected.picks.loc[0, "memory_mb"])
+    assert answer["excluded"]["over budget"] > measured["excluded"]["over budget"]
+    assert multimodal["run_id"] not in {p["run_id"] for p in answer["picks"]}
 
 
 def test_continual_view_shows_curves_matrices_and_overlays(store, monkeypatch):

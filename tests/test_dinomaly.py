@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
-from cvad.backbones import FeatureExtractor, stage_info
+from cvad.backbones import FeatureExtractor, taps
 from cvad.backbones.weights import RandomWeightsWarning
 from cvad.data.builtin import BuiltinOptions, render_image
 from cvad.efficiency import count_gflops, memory_footprint
@@ -55,10 +55,9 @@ def trained(nuts) -> Dinomaly:
     return model
 
 
-def test_stage_info_lists_every_vit_block():
-    info = stage_info(TINY)
-    assert info.channels == (192,) * 12 and info.strides == (16,) * 12
-    extractor = FeatureExtractor(TINY, (2, 9), "random")
+def test_taps_list_every_vit_block():
+    assert [(t.name, t.channels, t.stride) for t in taps(TINY)] == [(f"blocks.{i}", 192, 16) for i in range(12)]
+    extractor = FeatureExtractor(TINY, ("blocks.2", "blocks.9"), "random")
     assert len(extractor.body.model.blocks) == 10  # truncated after the deepest requested block
     maps = extractor(torch.rand(1, 3, 224, 224))
     assert [tuple(m.shape) for m in maps] == [(1, 192, 14, 14)] * 2

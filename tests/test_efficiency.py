@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvad.efficiency import BYTES_PER_MB, count_gflops, measure_latency_ms, memory_footprint
+from cvad.efficiency import BYTES_PER_MB, LatencyReport, count_gflops, measure_latency, memory_footprint
 from cvad.models.base import AnomalyOutput
 
 REPLAY_IMAGE_BYTES = 3 * 224 * 224
@@ -51,7 +51,7 @@ class Scorer(nn.Module):
 
 
 def _flops(report) -> float:
-    return report.gflops * 1e9
+    return report.gmacs * 1e9
 
 
 # --------------------------------------------------------------------------- backbones
@@ -65,16 +65,18 @@ def deit() -> ClassifierAsDetector:
 def test_mobilenetv2_matches_published_cost_and_namedtuple_output_traces():
     detector = ClassifierAsDetector("mobilenetv2_100")
     report = count_gflops(detector, 224)
-    assert 0.30 <= report.gflops <= 0.32  # published: 300 M multiply-adds
+    assert 0.30 <= report.gmacs <= 0.32  # published: 300 M multiply-adds
+    assert report.gflops == 2 * report.gmacs  # the paper's GFLOPs
+    assert "batch_norm" not in report.by_operator  # every batch norm follows a convolution: folded into it
     assert report.uncounted_ops == []
     assert report.by_operator["conv"] == pytest.approx(0.2995, abs=5e-4)
     assert report.by_operator["hardtanh_"] > 0  # ReLU6 counted
-    assert count_gflops(detector.net, 224).gflops == pytest.approx(report.gflops, rel=1e-12)
+    assert count_gflops(detector.net, 224).gmacs == pytest.approx(report.gmacs, rel=1e-12)
 
 
 def test_deit_tiny_counts_attention(deit):
     report = count_gflops(deit, 224)
-    assert 1.2 <= report.gflops <= 1.3  # published: 1.3 GFLOPs (timm: 1.26 GMACs)
+    assert 1.2 <= report.gmacs <= 1.3  # published: 1.3 GFLOPs (timm: 1.26 GMACs)
     assert report.uncounted_ops == []
 
     blocks, heads, tokens, head_dim = 12, 3, 197, 64
@@ -82,7 +84,7 @@ def test_deit_tiny_counts_attention(deit):
     expected_attention = blocks * (rows * head_dim + 2 * rows * tokens * head_dim + 3 * rows * tokens)
     assert report.by_operator["scaled_dot_product_attention"] * 1e9 == pytest.approx(expected_attention)
     # Without the handle the fused attention would count zero, and DeiT would fall below its published cost.
-    assert report.gflops - report.by_operator["scaled_dot_product_attention"] < 1.2
+    assert report.gmacs - report.by_operator["scaled_dot_product_attention"] < 1.2
 
 
 def test_fused_and_explicit_attention_count_the_same(deit):
@@ -99,7 +101,7 @@ def test_fused_and_explicit_attention_count_the_same(deit):
     assert "scaled_dot_product_attention" not in explicit.by_operator
     assert explicit.by_operator["softmax"] > 0
     assert explicit.uncounted_ops == []
-    assert explicit.gflops == pytest.approx(fused.gflops, rel=1e-12)
+    assert explicit.gmacs == pytest.approx(fused.gmacs, rel=1e-12)
 
 
 @pytest.mark.parametrize("mask_dtype", [None, torch.bool, torch.float32])
@@ -323,7 +325,7 @@ def test_whole_cnn_detector_leaves_nothing_uncounted():
         assert report.by_operator.get(op, 0) > 0, op
     grid = 28 * 28  # stride 8 at 224 px
     assert report.by_operator["cdist"] * 1e9 == pytest.approx(grid * 64 * (32 + 96))
-    assert count_gflops(detector.backbone, 224).gflops < report.gflops
+    assert count_gflops(detector.backbone, 224).gmacs < report.gmacs
 
 
 def test_whole_vit_detector_leaves_nothing_uncounted(deit):
@@ -360,7 +362,7 @@ class ModeRecorder(nn.Module):
         return AnomalyOutput(maps.flatten(1).amax(dim=1), maps[:, 0])
 
 
-@pytest.mark.parametrize("measure", [count_gflops, measure_latency_ms], ids=["gflops", "latency"])
+@pytest.mark.parametrize("measure", [count_gflops, measure_latency], ids=["gflops", "latency"])
 def test_runs_in_eval_mode_and_restores_each_flag(measure):
     model = ModeRecorder()
     measure(model, 8)
@@ -376,15 +378,16 @@ def test_bad_image_size_is_rejected():
 # --------------------------------------------------------------------------- memory
 
 
-def test_memory_counts_bytes_by_dtype_in_decimal_megabytes():
+def test_memory_counts_bytes_by_dtype_in_binary_megabytes():
     replay = torch.zeros(40, 3, 224, 224, dtype=torch.uint8)
     report = memory_footprint(
         {"replay": [replay], "bank": [torch.zeros(100, 8)], "half": [torch.zeros(10, dtype=torch.float16)]}
     )
     assert report.bytes_by_part == {"replay": 40 * REPLAY_IMAGE_BYTES, "bank": 3200, "half": 20}
-    assert BYTES_PER_MB == 10**6
-    assert report.total_mb == pytest.approx((40 * 150_528 + 3200 + 20) / 1e6)
-    assert report.breakdown_mb["replay"] == pytest.approx(6.02112)
+    assert BYTES_PER_MB == 2**20  # the paper's MB: its replay-100 and replay-40 rows differ by 8.61
+    assert report.total_bytes == 40 * 150_528 + 3200 + 20
+    assert report.total_mb == pytest.approx((40 * 150_528 + 3200 + 20) / 2**20)
+    assert (100 - 40) * REPLAY_IMAGE_BYTES / BYTES_PER_MB == pytest.approx(8.61, abs=0.005)
 
 
 def test_memory_counts_a_shared_tensor_once_in_the_first_part():
@@ -428,8 +431,22 @@ def test_memory_rejects_malformed_parts():
 # --------------------------------------------------------------------------- latency
 
 
-def test_latency_is_a_positive_finite_median():
-    latency = measure_latency_ms(NearestNeighbourScorer(torch.randn(20, 3)), 16, warmup=1, repeats=3)
-    assert math.isfinite(latency) and latency > 0
+def test_latency_is_a_median_with_its_spread():
+    latency = measure_latency(NearestNeighbourScorer(torch.randn(20, 3)), 16, warmup=1, repeats=5)
+    assert math.isfinite(latency.median_ms) and latency.median_ms > 0 and latency.iqr_ms >= 0 and latency.runs == 5
     with pytest.raises(ValueError, match="repeats"):
-        measure_latency_ms(NearestNeighbourScorer(torch.randn(20, 3)), 16, repeats=0)
+        measure_latency(NearestNeighbourScorer(torch.randn(20, 3)), 16, repeats=0)
+
+
+def test_a_spread_that_says_the_machine_was_busy_is_flagged():
+    assert not LatencyReport(median_ms=40.0, iqr_ms=2.0, runs=20).noisy
+    busy = LatencyReport(median_ms=40.0, iqr_ms=30.0, runs=20)
+    assert busy.noisy and busy.as_record()["latency_noisy"] is True
+
+
+def test_batch_norm_is_free_after_a_convolution_only():
+    """A deployed model folds a batch norm into the convolution before it; one on its own costs a multiply-add per element."""
+    after_conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.BatchNorm2d(4)).eval()
+    alone = torch.nn.Sequential(torch.nn.BatchNorm2d(3)).eval()
+    assert count_gflops(after_conv, 8).gmacs * 1e9 == pytest.approx(8 * 8 * 4 * 3)  # the convolution's MACs only
+    assert count_gflops(alone, 8).gmacs * 1e9 == pytest.approx(3 * 8 * 8)

@@ -65,7 +65,9 @@ def test_cli_writes_a_complete_result(cache_dir, tmp_path):
     assert result["final"]["forgetting_pixel_f1"] is not None
     efficiency = result["efficiency"]
     assert efficiency["memory_mb"] == pytest.approx(sum(efficiency["memory_breakdown_mb"].values()))
-    assert efficiency["gflops"] > 0 and efficiency["latency_ms"] > 0 and not efficiency["gflops_uncounted_ops"]
+    assert efficiency["gflops"] > 0 and efficiency["latency_ms"] > 0 and not efficiency["uncounted_ops"]
+    assert efficiency["gflops"] == 2 * efficiency["gmacs"] and efficiency["memory_mb"] == efficiency["memory_bytes"] / 2**20
+    assert result["schema"] == 2
     assert result["weights"]["kind"] == "imagenet" and result["weights"]["pretrained"]
     assert result["cvad_version"] and result["wall_seconds"]["total"] > 0
     assert (out / "config.yaml").exists()
@@ -91,7 +93,7 @@ def test_joint_fills_only_the_last_row(cache_dir):
 
 def test_replay_buffer_is_counted_in_memory(cache_dir):
     result = trial(cache_dir, strategy={"name": "replay", "replay_size": 4})
-    assert result["efficiency"]["memory_bytes"]["replay_buffer"] == 4 * 3 * 64 * 64
+    assert result["efficiency"]["memory_bytes_by_part"]["replay_buffer"] == 4 * 3 * 64 * 64
     assert [s["replay_per_task"] for s in result["steps"]] == [[4], [2, 2], [2, 1, 1]]
     assert result["steps"][1]["train_images"] == 5 + 4
 

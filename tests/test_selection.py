@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from cvad.selection import Budget, SelectionError, display_name, pareto_mask, recommend
+from cvad.selection import Budget, SelectionError, display_name, load_trials, pareto_mask, project_to_tasks, recommend
 
 
 def trial(trial: int, model: str, pixel_f1, mb, gflops, status: str = "FINISHED", image_f1=0.9, **params) -> dict:
@@ -49,7 +49,13 @@ def test_best_under_20_mb(trials):
     assert rec.summary() == "under 20 MB: PaSTe + MobileNetV2, replay 100: pixel F1 0.450, 16.9 MB, 0.68 GFLOPs"
     assert rec.picks.loc[0, "why"] == "highest pixel F1 within the budget"
     assert rec.picks.loc[1, "why"].startswith("8.6 MB less (49%) than the one above, for 0.010 lower pixel F1")
-    assert rec.excluded == {"failed or unfinished": 1, "pixel_f1 not measured": 1, "over budget": 2, "dominated by another that fits": 1}
+    assert rec.excluded == {
+        "failed or unfinished": 1,
+        "pruned before training (priced over the sweep's budget)": 0,
+        "pixel_f1 not measured": 1,
+        "over budget": 2,
+        "dominated by another that fits": 1,
+    }
 
 
 def test_gflops_budget_and_minimum_image_f1(trials):
@@ -78,3 +84,79 @@ def test_json_records_are_plain(trials):
     records = recommend(trials, "pixel_f1", Budget(max_mb=20)).as_records()
     assert records[0]["trial"] == 0 and math.isclose(records[0]["pixel_f1"], 0.45)
     assert set(records[0]) >= {"name", "run_id", "memory_mb", "gflops", "why"}
+
+
+# -- trials read back from a real MLflow store --------------------------------------------------------------------
+
+PADIM = {"name": "padim", "params": {"n_features": 8, "continual": "multimodal"}}
+
+
+@pytest.fixture(scope="module")
+def units_store(tmp_path_factory) -> tuple[str, dict]:
+    """One PaDiM multimodal configuration logged twice (a schema 2 record, and a schema 1 run by hand), plus a
+    finished run whose parameters no longer validate; returns the URI and the configuration's price."""
+    from cvad.config import validate_config
+    from cvad.cost import price_config
+    from cvad.tracking import SweepTracker
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('units') / 'mlflow.db'}"
+    config = validate_config({"dataset": {"image_size": 64}, "backbone": {"weights": "random"}, "model": PADIM})
+    price = price_config(config, 2)
+    tracker = SweepTracker(uri, "units")
+    parent = tracker.start_sweep("units", {}, {})
+    tags = {
+        "cvad.sweep": "units", "cvad.model": "padim", "cvad.backbone": "mobilenetv2_100", "cvad.strategy": "finetune"
+    }  # fmt: skip
+    new = tracker.start_trial(parent, "new", config.to_dict(), tags | {"cvad.trial": "0"})
+    record = {
+        "schema": 2, "config": config.to_dict(), "tasks": ["a", "b"], "matrices": {}, "weights": {"pretrained": False},
+        "final": {"pixel_f1": 0.4}, "efficiency": price | {"latency_ms": None, "latency_device": "cpu"},
+        "wall_seconds": {"train": 1.0, "eval": 1.0, "total": 2.0},
+    }  # fmt: skip
+    tracker.log_metrics(new, {"pixel_f1": 0.4}, step=1)
+    tracker.log_result(new, record, {})
+    tracker.end_trial(new, "FINISHED")
+    old = tracker.start_trial(parent, "old", config.to_dict(), tags | {"cvad.trial": "1"})
+    schema_1 = {"pixel_f1": 0.4, "memory_mb": price["memory_bytes"] / 1e6, "gflops": price["gmacs"]}  # no schema tag
+    tracker.log_metrics(old, schema_1, step=1)
+    tracker.client.set_tag(old, "cvad.pretrained", "false")
+    tracker.end_trial(old, "FINISHED")
+    stale = tracker.start_trial(parent, "stale", config.to_dict(), tags | {"cvad.trial": "2"})
+    tracker.client.log_param(stale, "model.params.retired_knob", "3")  # a parameter cvad no longer knows
+    tracker.log_metrics(stale, schema_1, step=1)
+    tracker.end_trial(stale, "FINISHED")
+    return uri, price
+
+
+def test_schema_1_and_schema_2_runs_load_in_the_papers_units(units_store):
+    from mlflow.tracking import MlflowClient
+
+    uri, price = units_store
+    trials = load_trials(uri).set_index("trial")
+    assert list(trials["schema"]) == [2, 1, 1]
+    new, old = trials.loc[0], trials.loc[1]
+    assert new["memory_mb"] == pytest.approx(price["memory_bytes"] / 2**20) == pytest.approx(price["memory_mb"])
+    assert old["memory_mb"] == pytest.approx(new["memory_mb"]) and old["gflops"] == pytest.approx(new["gflops"])
+    assert new["gflops"] == pytest.approx(2 * price["gmacs"]) and old["gmacs"] == pytest.approx(new["gmacs"])
+    run = MlflowClient(uri).get_run(new["run_id"]).data
+    assert run.tags["cvad.schema"] == "2" and run.metrics["memory_bytes"] == price["memory_bytes"]
+    assert run.metrics["gmacs"] == pytest.approx(price["gmacs"])
+
+
+def test_projection_reprices_each_configuration_and_keeps_one_that_no_longer_validates(units_store):
+    from cvad.config import validate_config
+    from cvad.cost import price_config
+
+    uri, price = units_store
+    trials = load_trials(uri)
+    projected = project_to_tasks(trials, 6).set_index("trial")
+    six = price_config(validate_config({"dataset": {"image_size": 64}, "model": PADIM}), 6)
+    for trial in (0, 1):
+        row = projected.loc[trial]
+        assert (row["memory_mb"], row["gflops"], row["projected_tasks"]) == (six["memory_mb"], six["gflops"], 6)
+        assert row["measured_memory_mb"] == pytest.approx(price["memory_mb"]) and row["projection_error"] is None
+    assert six["memory_mb"] > price["memory_mb"]  # multimodal PaDiM stores one Gaussian per task:
+    assert six["memory_bytes_by_part"]["gaussians"] > 2.9 * price["memory_bytes_by_part"]["gaussians"]  # 3x the tasks
+    stale = projected.loc[2]
+    assert "retired_knob" in stale["projection_error"] and pd.isna(stale["projected_tasks"])
+    assert stale["memory_mb"] == stale["measured_memory_mb"] == pytest.approx(price["memory_mb"])

@@ -61,7 +61,7 @@ def test_paste_shares_the_first_layers_and_costs_less_than_stfpm():
 
 def test_student_starts_random_and_the_seed_decides(nuts):
     a, b, c = build(seed=1), build(seed=1), build(seed=2)
-    teacher = dict(a.backbone.body.named_parameters())
+    teacher = dict(a.backbone.named_parameters())
     for (name, p), q, r in zip(a.student.named_parameters(), b.student.parameters(), c.student.parameters()):
         assert torch.equal(p, q)
     assert not all(torch.equal(p, r) for p, r in zip(a.student.parameters(), c.student.parameters()))
@@ -103,7 +103,7 @@ def test_nan_loss_stops_training(nuts):
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ValueError, match="shares all 3 feature levels"):
-        build("paste", shared_levels=3)
+    with pytest.raises(ValueError, match="shares every feature level"):
+        build("paste", shared=16)
     with pytest.raises(ValueError, match="not a convolutional network"):
         build_model("stfpm", {}, backbone="deit_tiny_patch16_224", weights="random", image_size=SIZE, seed=0)

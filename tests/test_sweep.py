@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -256,6 +254,33 @@ def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path, cache):
     assert "missing" in status["folder"].data.tags["cvad.error"]
     (failed,) = study_of(tmp_path, "with-failure").get_trials(states=(TrialState.FAIL,))
     assert "DatasetError" in failed.user_attrs["error"]
+
+
+def test_configurations_over_budget_are_pruned_before_training(tmp_path, cache):
+    from cvad.cost import price_config
+
+    space = {"model": {"name": "padim", "params": {"n_features": [4, 64]}}}
+    raw = tiny_sweep("budget", cache, space=space)
+    spec = SweepSpec(copy.deepcopy(raw))
+    small, large = (price_config(spec.config_for(optuna.trial.FixedTrial(p)))["memory_mb"] for p in spec.grid_points)
+    raw["sweep"]["constraints"] = {"max_mb": (small + large) / 2}
+    lines = []
+    outcome = SweepRunner(SweepSpec(copy.deepcopy(raw)), SweepOptions(store_dir=tmp_path), printer=lines.append).run()
+    assert (outcome.completed, outcome.failed, outcome.pruned) == (1, 0, 1)
+    (pruned,) = study_of(tmp_path, "budget").get_trials(states=(TrialState.PRUNED,))
+    assert pruned.params == {"model.params.n_features": 64}
+    assert f"{large:.3g} MB > max_mb" in pruned.user_attrs["pruned"] and pruned.user_attrs["constraints"][0] > 0
+    assert any("pruned before training" in line for line in lines) and any("1 pruned" in line for line in lines)
+    _, runs = mlflow_runs(tmp_path, "budget")
+    (run,) = [r for r in runs if "cvad.pruned" in r.data.tags]
+    assert run.data.metrics["memory_mb"] == pytest.approx(large) and "pixel_f1" not in run.data.metrics  # never trained
+    again = run_sweep(raw, tmp_path, resume=True)  # a pruned configuration is answered: not queued again
+    assert (again.completed, again.pruned) == (1, 1)
+    from cvad.selection import load_trials, recommend
+
+    trials = load_trials(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert trials.loc[trials["pruned"].notna(), "memory_mb"].item() == pytest.approx(large)  # no unit conversion
+    assert recommend(trials).excluded["pruned before training (priced over the sweep's budget)"] == 1
 
 
 def test_resume_runs_each_configuration_exactly_once(tmp_path, cache):

@@ -1,19 +1,21 @@
 """Backbones: a registry from a name to a frozen feature extractor with known weights.
 
-Every backbone exposes its stages (the last block at each resolution). A method asks
-for stages by stride (e.g. 8 and 16 for PatchCore's mid-level maps) and gets only the
-layers it needs: later stages are never built, so they are neither stored nor counted.
+Every backbone exposes its blocks as taps (``taps``: name, channels, stride, known before
+any weight is loaded). A method asks for feature layers by stride (the last block at that
+resolution, e.g. 8 and 16 for PatchCore's mid-level maps) or by block name (the paper's
+configurations tap blocks inside a stage) and keeps only the blocks up to the deepest tap.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Callable
 
 import timm
 import torch
-from timm.models._features import FeatureGetterNet, FeatureListNet
+from timm.models._features import FeatureGetterNet
 from torch import nn
 
 from cvad.backbones import mcunet, phinet
@@ -114,6 +116,14 @@ register(BackboneSpec("deit_tiny_patch16_224", timm_name="deit_tiny_patch16_224"
 register(BackboneSpec("vit_base_patch16_224", timm_name="vit_base_patch16_224", is_vit=True))
 register(
     BackboneSpec(
+        "vit_base_patch14_dinov2",
+        timm_name="vit_base_patch14_dinov2",
+        is_vit=True,
+        notes="DINOv2 ViT-B/14, the paper's 'ViT Base' Dinomaly reference; native input 518 px",
+    )
+)
+register(
+    BackboneSpec(
         "vit_small_patch14_reg4_dinov2",
         timm_name="vit_small_patch14_reg4_dinov2",
         is_vit=True,
@@ -123,50 +133,105 @@ register(
 
 
 @dataclass(frozen=True)
-class StageInfo:
-    channels: tuple[int, ...]
-    strides: tuple[int, ...]
+class Tap:
+    """A block whose output a method can read: where it is, how wide and how coarse."""
+
+    name: str  # e.g. "blocks.3.2" (timm EfficientNet family), "layer2.1" (ResNet), "stages.2.0" (MCUNet, PhiNet)
+    channels: int
+    stride: int  # input pixels per feature cell
+
+
+Layers = tuple[int | str, ...]  # feature taps as methods take them: a stride, or a block name
+
+
+def cnn_blocks(name: str, net: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A CNN's blocks in execution order, each a module that maps the previous block's output to its own.
+
+    The stem (everything before the first block) is the first entry; the classifier head is not a block.
+    """
+    if isinstance(net, StagedNetwork):
+        blocks = [("stem", net.stem)]
+        return blocks + [(f"stages.{s}.{j}", block) for s, stage in enumerate(net.stages) for j, block in enumerate(stage)]
+    if all(hasattr(net, attr) for attr in ("conv_stem", "bn1", "blocks")):  # timm's EfficientNet family
+        blocks = [("stem", nn.Sequential(net.conv_stem, net.bn1))]
+        return blocks + [(f"blocks.{i}.{j}", block) for i, group in enumerate(net.blocks) for j, block in enumerate(group)]
+    if all(hasattr(net, attr) for attr in ("conv1", "bn1", "act1", "maxpool", "layer1")):  # timm's ResNet family
+        blocks = [("stem", nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool))]
+        layers = [f"layer{i}" for i in range(1, 5) if hasattr(net, f"layer{i}")]
+        return blocks + [(f"{layer}.{j}", block) for layer in layers for j, block in enumerate(getattr(net, layer))]
+    raise ValueError(f"backbone {name}: cvad does not know the block layout of {type(net).__name__}")
+
+
+def _build_full(spec: BackboneSpec) -> nn.Module:
+    if spec.timm_name is not None:
+        return timm.create_model(spec.timm_name, pretrained=False)
+    return spec.build_custom(num_stages=None)
 
 
 @lru_cache(maxsize=None)
-def stage_info(name: str) -> StageInfo:
-    """Channels and strides of every stage of a backbone, without loading weights (cached)."""
+def taps(name: str) -> tuple[Tap, ...]:
+    """Every block of a backbone a method can tap, in execution order, with its channels and stride.
+
+    Shapes come from a forward pass on the meta device: no weights, no arithmetic.
+    A ViT's taps are its transformer blocks, all at the patch stride.
+    """
     spec = BACKBONES.get(name)
-    if spec.is_vit:  # timm's features_only keeps a ViT's last 3 blocks; here every block is a stage
-        info = timm.create_model(spec.timm_name, pretrained=False).feature_info
-        return StageInfo(tuple(f["num_chs"] for f in info), tuple(f["reduction"] for f in info))
-    if spec.timm_name is not None:
-        net = timm.create_model(spec.timm_name, pretrained=False, features_only=True)
-        return StageInfo(tuple(net.feature_info.channels()), tuple(net.feature_info.reduction()))
-    net = spec.build_custom(num_stages=None)
-    return StageInfo(tuple(net.stage_channels), tuple(net.stage_strides))
+    size = 512  # divisible by every CNN's strides (PhiNet's deepest is 64)
+    with torch.device("meta"):
+        net = _build_full(spec)
+        if spec.is_vit:
+            patch = net.patch_embed.patch_size[0]
+            return tuple(Tap(f"blocks.{i}", net.embed_dim, patch) for i in range(len(net.blocks)))
+        x = torch.empty(1, 3, size, size)
+        found = []
+        for block_name, block in cnn_blocks(name, net):
+            x = block(x)
+            found.append(Tap(block_name, x.shape[1], size // x.shape[-1]))
+    return tuple(found)
 
 
-def stages_at_strides(name: str, strides: tuple[int, ...]) -> tuple[int, ...]:
-    """Indices of the last stage at each requested stride; a clear error for absent strides."""
-    info = stage_info(name)
+def resolve_layers(name: str, layers: Layers) -> tuple[int, ...]:
+    """Indices into ``taps(name)`` of the requested feature layers, shallowest first.
+
+    An integer asks for the last block at that stride (the end of that resolution stage);
+    a string names a block (``cvad list --taps BACKBONE`` lists them).
+    """
+    available = taps(name)
+    names = [tap.name for tap in available]
+    strides = sorted({tap.stride for tap in available})
     picked = []
-    for stride in strides:
-        matches = [i for i, s in enumerate(info.strides) if s == stride]
-        if not matches:
-            raise ValueError(f"backbone {name} has no stage at stride {stride}; its stage strides are {info.strides}")
-        picked.append(matches[-1])
+    for layer in layers:
+        if isinstance(layer, int):
+            matches = [i for i, tap in enumerate(available) if tap.stride == layer]
+            if not matches:
+                raise ValueError(f"backbone {name} has no block at stride {layer}; its strides are {strides}")
+            picked.append(matches[-1])
+        elif layer in names:
+            picked.append(names.index(layer))
+        else:
+            close = difflib.get_close_matches(str(layer), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"backbone {name} has no block {layer!r}{hint}; its blocks are {', '.join(names)}")
+    if any(later <= earlier for earlier, later in zip(picked, picked[1:])):
+        raise ValueError(f"feature layers {list(layers)} of {name} must be distinct and ordered shallowest first")
     return tuple(picked)
 
 
 class FeatureExtractor(nn.Module):
-    """Frozen backbone truncated after the deepest requested stage; input float [0,1] RGB.
+    """Frozen backbone truncated after the deepest requested tap; input float [0,1] RGB.
 
-    Returns the requested stage maps, shallowest first. Normalisation is part of the
-    module because it is part of the deployed inference path.
+    ``layers`` are strides or block names (see :func:`resolve_layers`); ``forward`` returns
+    their outputs, shallowest first. Normalisation is part of the module because it is part
+    of the deployed inference path. Blocks after the deepest tap are dropped once the weights
+    are loaded, so they are neither stored nor counted.
     """
 
-    def __init__(self, name: str, stages: tuple[int, ...], weights: str = "imagenet") -> None:
+    def __init__(self, name: str, layers: Layers, weights: str = "imagenet") -> None:
         super().__init__()
         spec = BACKBONES.get(name)
         self.name = name
-        self.stages = tuple(stages)
-        full = self._build_full(spec)
+        self.tap_indices = resolve_layers(name, layers)
+        full = _build_full(spec)
         self.weights: WeightsInfo = resolve_weights(
             name,
             full,
@@ -176,34 +241,21 @@ class FeatureExtractor(nn.Module):
             load_reference=spec.load_reference,
             download_url=spec.download_url,
         )
-        self.body = self._truncate(spec, full)
+        deepest = max(self.tap_indices)
+        if spec.is_vit:
+            self.body = FeatureGetterNet(full, out_indices=self.tap_indices)
+            self.blocks = None
+        else:
+            self.body = None
+            self.blocks = nn.ModuleList(block for _, block in cnn_blocks(name, full)[: deepest + 1])
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
-        info = stage_info(name)
-        self.channels = [info.channels[i] for i in self.stages]
-        self.strides = [info.strides[i] for i in self.stages]
+        tapped = [taps(name)[i] for i in self.tap_indices]
+        self.tap_names = [tap.name for tap in tapped]
+        self.channels = [tap.channels for tap in tapped]
+        self.strides = [tap.stride for tap in tapped]
         self.requires_grad_(False)
         self.eval()
-
-    @staticmethod
-    def _build_full(spec: BackboneSpec) -> nn.Module:
-        if spec.timm_name is not None:
-            return timm.create_model(spec.timm_name, pretrained=False)
-        return spec.build_custom(num_stages=None)
-
-    def _truncate(self, spec: BackboneSpec, full: nn.Module) -> nn.Module:
-        """Keep only the modules up to the deepest requested stage, weights already loaded."""
-        if spec.timm_name is None:
-            body = spec.build_custom(num_stages=max(self.stages) + 1)
-            own = body.state_dict()
-            body.load_state_dict({k: v for k, v in full.state_dict().items() if k in own}, strict=True)
-            return body
-        if spec.is_vit:
-            return FeatureGetterNet(full, out_indices=self.stages)
-        try:  # ResNets expose stages as top-level modules; EfficientNet-style nets nest them
-            return FeatureListNet(full, out_indices=self.stages)
-        except AssertionError:
-            return FeatureListNet(full, out_indices=self.stages, flatten_sequential=True)
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # Frozen: batch-norm statistics must never drift while a method trains around it.
@@ -211,7 +263,11 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = (images - self.mean) / self.std
-        if isinstance(self.body, StagedNetwork):
-            maps = self.body.forward_stages(x)
-            return [maps[i] for i in self.stages]
-        return list(self.body(x))
+        if self.blocks is None:
+            return list(self.body(x))
+        maps = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index in self.tap_indices:
+                maps.append(x)
+        return maps

@@ -18,6 +18,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from cvad.data.base import CategorySplit, ImageDataset
 from cvad.metrics import ImageMetrics, PixelMetrics
 from cvad.models.base import AnomalyModel, ImageBatches, Task
+from cvad.models.components.frozen import FeatureStore
 from cvad.continual.replay import ReplayBuffer
 
 METRICS = ("image_f1", "image_auroc", "pixel_f1", "pixel_auroc", "routing_accuracy")
@@ -92,9 +93,15 @@ def run_continual(
     settings: LoaderSettings,
     replay_size: int | None = None,
     progress: ProgressCallback | None = None,
+    features: FeatureStore | None = None,
 ) -> ProtocolResult:
-    """Train ``model`` along the stream under ``strategy`` and evaluate after each step."""
+    """Train ``model`` along the stream under ``strategy`` and evaluate after each step.
+
+    ``features`` keeps frozen networks' outputs per training image across the steps (default:
+    a store of this run's alone).
+    """
     notify = progress or (lambda event, info: None)
+    features = features or FeatureStore()
     names = [s.name for s in splits]
     T = len(splits)
     matrices = {m: [[None] * T for _ in range(T)] for m in METRICS}
@@ -115,7 +122,8 @@ def run_continual(
         notify("train_start", {"step": row, "task": label, "images": len(dataset)})
         started = time.perf_counter()
         model.train()
-        model.fit_task(Task(index=row, name=label, train=train_batches(dataset, settings, row), report=notify))
+        batches = train_batches(dataset, settings, row)
+        model.fit_task(Task(row, label, batches, report=notify, tasks_covered=len(task_ids), features=features))
         model.eval()
         trained = time.perf_counter() - started
         if result.replay is not None:

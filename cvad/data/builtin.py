@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import zlib
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from cvad import cache_root
 from cvad.data import synthetic
 from cvad.data.base import CategorySplit, DatasetError
 from cvad.data.mvtec import GOOD, MASK_SUFFIX, MVTecAD
@@ -367,8 +367,7 @@ def generate(options: BuiltinOptions, root: Path, progress: Callable[[str], None
 
 def default_cache_dir() -> Path:
     """``$CVAD_CACHE/builtin``, else ``~/.cache/cvad/builtin``."""
-    base = os.environ.get("CVAD_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "cvad") / "builtin"
+    return cache_root() / "builtin"
 
 
 class BuiltinDataset:

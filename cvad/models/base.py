@@ -7,14 +7,15 @@ test images with its ``forward``; efficiency accounting reads ``stored_tensors``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterator, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from cvad.backbones.weights import WeightsInfo
+from cvad.models.components.frozen import FeatureStore
 
 
 class AnomalyOutput(NamedTuple):
@@ -28,6 +29,16 @@ class MethodParams(BaseModel):
     """Base of every method's hyper-parameters: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def feature_layers(default: tuple[int | str, ...]) -> Any:
+    """The ``layers`` field every backbone-tapping method shares."""
+    return Field(
+        default,
+        min_length=1,
+        description="feature taps, shallowest first: a stride (the last block at that stride) "
+        "or a block name (cvad list --taps BACKBONE)",
+    )
 
 
 class ImageBatches:
@@ -57,6 +68,9 @@ class Task:
     train: ImageBatches  # this task's normal images (plus the replay buffer, if any)
     # Progress hook for trained methods, e.g. report("train_epoch", {"epoch": 1, "loss": 0.3}).
     report: Callable[[str, dict], None] = lambda event, info: None
+    tasks_covered: int = 1  # categories this step trains on: T for a joint step
+    # Frozen networks' outputs per training image, kept across the steps of a run (and a sweep's runs).
+    features: FeatureStore = field(default_factory=FeatureStore)
 
 
 class AnomalyModel(nn.Module):
@@ -69,9 +83,23 @@ class AnomalyModel(nn.Module):
 
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
+    # The paper's configuration (``model.preset: paper``): the method's original training schedule,
+    # and per backbone the settings the paper's efficiency figures imply (cvad.models.paper).
+    PAPER_TRAINING: ClassVar[dict] = {}
+    PAPER_CONFIG: ClassVar[dict[str, dict]] = {}
     # Methods that identify the task of a test image themselves (PatchCoreCL, CL++) set this
     # after each forward to the 0-based task index per image; the protocol scores routing.
     routed_tasks: torch.Tensor | None = None
+
+    @classmethod
+    def paper_preset(cls, backbone: str, params: dict) -> dict:
+        """The paper's parameters for this method on ``backbone``; ``params`` (given by the user) win over them."""
+        if cls.PAPER_CONFIG and backbone not in cls.PAPER_CONFIG:
+            raise ValueError(
+                f"the paper ran {cls.name} on {', '.join(cls.PAPER_CONFIG)}, not on {backbone}; "
+                "drop model.preset or choose one of those backbones"
+            )
+        return cls.PAPER_TRAINING | cls.PAPER_CONFIG.get(backbone, {})
 
     def fit_task(self, task: Task) -> None:
         """Learn ``task``, keeping whatever the method keeps of earlier tasks."""
@@ -88,6 +116,14 @@ class AnomalyModel(nn.Module):
         Methods keep their pretrained network as ``self.backbone``; others override this.
         """
         return self.backbone.weights
+
+    def shape_as_fitted(self, tasks: int) -> None:
+        """Hold placeholder tensors of the shapes this model stores after ``tasks`` tasks.
+
+        ``cvad cost`` prices a configuration this way, without data or training: memory and
+        GFLOPs depend on the shapes of the stored state (banks, Gaussians, prototypes), not on
+        its values. Methods whose stored state does not grow with tasks keep this default.
+        """
 
     def stored_tensors(self) -> dict[str, list[torch.Tensor]]:
         """Every tensor the deployed model stores, grouped by part (e.g. "backbone", "gaussians").

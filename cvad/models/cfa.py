@@ -28,19 +28,20 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from cvad.backbones import FeatureExtractor, stages_at_strides
-from cvad.models.base import AnomalyModel, AnomalyOutput, Task
+from cvad.backbones import FeatureExtractor, Layers
+from cvad.models.base import AnomalyModel, AnomalyOutput, Task, feature_layers
 from cvad.models.components.coreset import greedy_k_center
+from cvad.models.components.frozen import FrozenOutputs, network_digest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
-from cvad.models.components.training import TrainingParams, make_optimizer, train_epochs
+from cvad.models.components.training import TrainingParams, make_optimizer, train_loop
+from cvad.models.paper import DESCRIPTOR_LAYERS
 
 
 class CFAParams(TrainingParams):
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
-    epochs: int = Field(3, ge=1)
-    feature_strides: tuple[int, ...] = Field((4, 8, 16), min_length=1, description="backbone levels, by stride")
+    layers: Layers = feature_layers((4, 8, 16))
     compression: int = Field(1, ge=1, description="keep 1 in this many memory entries (greedy k-center); 1 keeps every position")
     k: int = Field(3, ge=1, description="nearest memory features each feature is pulled towards")
     j: int = Field(3, ge=0, description="hard negatives pushed out, after the k nearest")
@@ -67,12 +68,13 @@ class CFA(AnomalyModel):
     name = "cfa"
     Params = CFAParams
     PAPER_TRAINING: ClassVar[dict] = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 5e-4, "epochs": 30, "k": 3, "j": 3}
+    PAPER_CONFIG: ClassVar[dict[str, dict]] = {backbone: {"layers": layers} for backbone, layers in DESCRIPTOR_LAYERS.items()}
 
     def __init__(self, params: CFAParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
         super().__init__()
         self.params = params
         self.seed = seed
-        self.backbone = FeatureExtractor(backbone, stages_at_strides(backbone, params.feature_strides), weights)
+        self.backbone = FeatureExtractor(backbone, params.layers, weights)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.descriptor = CoordConvDescriptor(sum(self.backbone.channels))
@@ -80,26 +82,37 @@ class CFA(AnomalyModel):
         self.register_buffer("memory", torch.zeros(0))
         self.loss_history: list[list[float]] = []
 
-    def describe(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """[B, 3, S, S] -> adapted patch features [B, P, d] and the grid."""
+    def describe(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Backbone maps -> adapted patch features [B, P, d] and the grid."""
         with torch.no_grad():
-            features = concat_at_first_grid(self.backbone(images))
+            features = concat_at_first_grid(maps)
         adapted = self.descriptor(features)
         return adapted.flatten(2).transpose(1, 2), tuple(adapted.shape[-2:])
 
     @torch.no_grad()
-    def build_memory(self, task: Task) -> None:
+    def build_memory(self, task: Task, frozen: FrozenOutputs) -> None:
         """Average adapted feature per position over the task's images, then optional compression."""
         total, count = None, 0
         for images in task.train:
-            features, _ = self.describe(images)
+            features, _ = self.describe(frozen(images))
             total = features.sum(dim=0) if total is None else total + features.sum(dim=0)
             count += len(images)
         memory = total / count
-        if self.params.compression > 1:
-            keep = max(1, len(memory) // self.params.compression)
+        keep = self.memory_entries(len(memory))
+        if keep < len(memory):
             memory = memory.index_select(0, greedy_k_center(memory, keep, seed=self.seed, projection_dim=None))
         self.memory = memory.contiguous()
+
+    @torch.no_grad()
+    def shape_as_fitted(self, tasks: int) -> None:
+        """A memory of the size one build leaves (it is rebuilt per task, so ``tasks`` does not change it)."""
+        probe = torch.zeros(1, 3, self.head.image_size, self.head.image_size, device=self.head.blur.kernel.device)
+        features, _ = self.describe(self.backbone(probe))
+        self.memory = features.new_zeros(self.memory_entries(features.shape[1]), features.shape[-1])
+
+    def memory_entries(self, positions: int) -> int:
+        """Entries kept of a memory with one per grid position: 1 in ``compression``."""
+        return max(1, positions // self.params.compression)
 
     def nearest_distances(self, features: torch.Tensor, count: int) -> torch.Tensor:
         """Squared distances of [B, P, d] features to their ``count`` nearest memory entries, ascending."""
@@ -107,13 +120,14 @@ class CFA(AnomalyModel):
         return distances.topk(min(count, len(self.memory)), dim=-1, largest=False).values
 
     def fit_task(self, task: Task) -> None:
-        self.build_memory(task)
+        frozen = FrozenOutputs(self.backbone, network_digest(self.backbone, "feature maps"), task.features)
+        self.build_memory(task, frozen)
         p = self.params
         optimizer = make_optimizer(p, list(self.descriptor.parameters()))
         r2 = p.radius**2
 
         def loss_of(images: torch.Tensor) -> torch.Tensor:
-            features, _ = self.describe(images)
+            features, _ = self.describe(frozen(images))
             nearest = self.nearest_distances(features, p.k + p.j)
             attract = (nearest[..., : p.k] - r2).clamp(min=0).mean()
             if p.j == 0 or nearest.shape[-1] <= p.k:
@@ -121,12 +135,12 @@ class CFA(AnomalyModel):
             repel = (r2 - nearest[..., p.k :] + p.alpha).clamp(min=0).mean()
             return attract + repel
 
-        self.loss_history.append(train_epochs(task, p, optimizer, loss_of, method=self.name))
+        self.loss_history.append(train_loop(task, p, optimizer, loss_of, method=self.name))
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if self.memory.numel() == 0:
             raise RuntimeError("CFA has not been fitted on any task yet")
-        features, grid = self.describe(images)
+        features, grid = self.describe(self.backbone(images))
         nearest = self.nearest_distances(features, self.params.k)
         patch = F.softmin(nearest, dim=-1)[..., 0] * nearest[..., 0]
         maps = self.head(patch.view(len(images), *grid))

@@ -47,10 +47,11 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from cvad.backbones import BACKBONES, FeatureExtractor, stage_info
+from cvad.backbones import BACKBONES, FeatureExtractor, taps
 from cvad.models.base import AnomalyModel, AnomalyOutput, Task
 from cvad.models.components.maps import AnomalyMapHead
-from cvad.models.components.training import TrainingParams, make_optimizer, train_epochs
+from cvad.models.components.frozen import FrozenOutputs, network_digest
+from cvad.models.components.training import TrainingParams, make_optimizer, train_loop, update_budget
 
 Groups = tuple[tuple[int, ...], ...]
 MLP_RATIO = 4  # hidden width of the bottleneck and of every decoder MLP, in multiples of the token width
@@ -76,7 +77,6 @@ class DinomalyParams(TrainingParams):
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="optimiser of the bottleneck and decoder")
     lr: float = Field(2e-3, gt=0, description="peak learning rate (after warm-up)")
     weight_decay: float = Field(1e-4, ge=0)
-    epochs: int = Field(8, ge=1, description="passes over each task's training images (plus replay)")
     grad_clip: float | None = Field(0.1, gt=0, description="clip the gradient norm to this value; null: no clipping")
     encoder_groups: Groups = Field(
         ((2, 3, 4, 5), (6, 7, 8, 9)),
@@ -228,6 +228,13 @@ class Dinomaly(AnomalyModel):
         "bottleneck_dropout": 0.2,
         "score_top_ratio": 0.01,
     }
+    # Tiny-Dinomaly as the paper's code runs it: blocks 2-9 fused into one group, rebuilt by all 8
+    # decoder blocks; the ViT-Base reference (68.56 GFLOPs, 561.33 MB) is DINOv2 ViT-B/14 with the
+    # original's two groups (the defaults).
+    PAPER_CONFIG: ClassVar[dict[str, dict]] = {
+        "deit_tiny_patch16_224": {"encoder_groups": [list(range(2, 10))], "decoder_groups": [list(range(8))]},
+        "vit_base_patch14_dinov2": {},
+    }
 
     def __init__(self, params: DinomalyParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
         super().__init__()
@@ -238,8 +245,8 @@ class Dinomaly(AnomalyModel):
                 f"dinomaly needs a ViT encoder, but backbone {backbone!r} is not one; "
                 f"use one of: {', '.join(vit_backbones())}"
             )
-        info = stage_info(backbone)
-        depth, patch = len(info.channels), info.strides[0]  # a ViT's stages are its blocks, at the patch stride
+        blocks = taps(backbone)
+        depth, patch = len(blocks), blocks[0].stride  # a ViT's taps are its blocks, at the patch stride
         deepest = max(max(group) for group in params.encoder_groups)
         if deepest >= depth:
             raise ValueError(
@@ -252,7 +259,7 @@ class Dinomaly(AnomalyModel):
                 f"set dataset.image_size to a multiple of {patch} (e.g. {patch * max(1, round(image_size / patch))})"
             )
         self.encoder_layers = sorted({layer for group in params.encoder_groups for layer in group})
-        self.backbone = FeatureExtractor(backbone, tuple(self.encoder_layers), weights)
+        self.backbone = FeatureExtractor(backbone, tuple(f"blocks.{i}" for i in self.encoder_layers), weights)
         vit = self.vit
         vit.set_input_size(img_size=(image_size, image_size))  # resample the position embedding once
         self.grid = image_size // patch
@@ -286,6 +293,7 @@ class Dinomaly(AnomalyModel):
                     nn.init.ones_(layer.weight)
                     nn.init.zeros_(layer.bias)
 
+    @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Tokens [B, prefix + N, C] of every used encoder block, in ``encoder_layers`` order."""
         x = (images - self.backbone.mean) / self.backbone.std
@@ -294,10 +302,9 @@ class Dinomaly(AnomalyModel):
         )
         return [torch.cat([prefix, patches], dim=1) for patches, prefix in layers]
 
-    def reconstruct(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def reconstruct(self, images: torch.Tensor, frozen: FrozenOutputs | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per group: the encoder target and the decoder's reconstruction, patch tokens only, [B, N, C]."""
-        with torch.no_grad():
-            layers = self.encode(images)
+        layers = (frozen or self.encode)(images)
         by_block = dict(zip(self.encoder_layers, layers))
         x = self.bottleneck(torch.stack(layers).mean(dim=0))
         decoded = []
@@ -340,21 +347,22 @@ class Dinomaly(AnomalyModel):
     def fit_task(self, task: Task) -> None:
         trained = [p for module in self.trained_modules() for p in module.parameters()]
         optimizer = make_optimizer(self.params, trained)
-        total = self.params.epochs * len(task.train)
+        total = update_budget(task, self.params)
+        frozen = FrozenOutputs(self.encode, network_digest(self.backbone, f"tokens of blocks {self.encoder_layers}"), task.features)
         step = 0
 
         def loss_of(images: torch.Tensor) -> torch.Tensor:
             nonlocal step
             for group in optimizer.param_groups:
                 group["lr"] = self.learning_rate(step, total)
-            targets, recons = self.reconstruct(images)
+            targets, recons = self.reconstruct(images, frozen)
             loss = self.loss(targets, recons, self.easy_fraction(step, total))
             step += 1
             return loss
 
         self.train()
         try:
-            self.loss_history.append(train_epochs(task, self.params, optimizer, loss_of, method=self.name))
+            self.loss_history.append(train_loop(task, self.params, optimizer, loss_of, method=self.name))
         finally:
             self.eval()
 

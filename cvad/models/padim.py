@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from cvad.backbones import FeatureExtractor, stages_at_strides
-from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Task
+from cvad.backbones import FeatureExtractor, Layers
+from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Task, feature_layers
 from cvad.models.components.gaussian import (
     GaussianAccumulator,
     GaussianStats,
@@ -35,10 +35,11 @@ from cvad.models.components.gaussian import (
     whitening_factor,
 )
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
+from cvad.models.paper import DESCRIPTOR_LAYERS, PADIM_FEATURES
 
 
 class PaDiMParams(MethodParams):
-    feature_strides: tuple[int, ...] = Field((4, 8, 16), min_length=1, description="backbone stages to concatenate, by stride")
+    layers: Layers = feature_layers((4, 8, 16))
     n_features: int | None = Field(100, ge=1, description="random channel subset d (seeded); null keeps all channels")
     covariance: Literal["full", "diagonal"] = "full"
     continual: Literal["refit", "original", "unimodal", "multimodal"] = "refit"
@@ -49,11 +50,18 @@ class PaDiMParams(MethodParams):
 class PaDiM(AnomalyModel):
     name = "padim"
     Params = PaDiMParams
+    PAPER_CONFIG = {backbone: {"layers": layers} for backbone, layers in DESCRIPTOR_LAYERS.items()}
+
+    @classmethod
+    def paper_preset(cls, backbone: str, params: dict) -> dict:
+        """The descriptor layers, and the channel subset d the paper's MB implies for the chosen covariance."""
+        covariance = params.get("covariance", PaDiMParams.model_fields["covariance"].default)
+        return super().paper_preset(backbone, params) | {"n_features": PADIM_FEATURES[backbone][covariance]}
 
     def __init__(self, params: PaDiMParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
         super().__init__()
         self.params = params
-        self.backbone = FeatureExtractor(backbone, stages_at_strides(backbone, params.feature_strides), weights)
+        self.backbone = FeatureExtractor(backbone, params.layers, weights)
         total = sum(self.backbone.channels)
         d = total if params.n_features is None else min(params.n_features, total)
         generator = torch.Generator().manual_seed(seed)
@@ -95,6 +103,18 @@ class PaDiM(AnomalyModel):
             modes = [uniform_average(old, new, self.tasks_merged)]
         self.tasks_merged = 1 if rule == "refit" else self.tasks_merged + 1
         self.store(modes)
+
+    @torch.no_grad()
+    def shape_as_fitted(self, tasks: int) -> None:
+        """One Gaussian per position (``tasks`` of them for multimodal), zero-valued."""
+        probe = torch.zeros(1, 3, self.head.image_size, self.head.image_size, device=self.channel_index.device)
+        _, positions, dim = self.embed(probe).shape
+        modes = tasks if self.params.continual == "multimodal" else 1
+        shape = (modes, positions, dim) if self.diagonal else (modes, positions, dim, dim)
+        self.counts = self.counts.new_ones(modes)
+        self.means = torch.zeros(modes, positions, dim, device=self.channel_index.device)
+        self.shapes = torch.zeros(shape, device=self.channel_index.device)
+        self.tasks_merged = 1 if self.params.continual == "refit" else tasks
 
     def stored_modes(self) -> list[GaussianStats]:
         """The stored statistics back as float64 GaussianStats with biased covariances."""

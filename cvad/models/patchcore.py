@@ -7,7 +7,8 @@
   k-center at every task; inference scores every bank and keeps the lowest image score;
 - ``cl++``: banks kept in greedy order and shrunk by truncation (prefix property); a
   test image is routed to the task with the nearest prototype (mean deepest feature map
-  of the task's training images) and only that bank is scored.
+  of the task's training images; with ``prototype: pooled`` its spatial average, as the
+  paper's code does) and only that bank is scored.
 
 The CL variants record, for every scored image, the task they routed it to
 (``routed_tasks``), so the protocol can report routing accuracy.
@@ -21,19 +22,21 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from cvad.backbones import FeatureExtractor, stages_at_strides
-from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Task
+from cvad.backbones import FeatureExtractor, Layers
+from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Task, feature_layers
 from cvad.models.components.coreset import greedy_k_center, nearest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
+from cvad.models.paper import DESCRIPTOR_LAYERS
 
 
 class PatchCoreParams(MethodParams):
-    feature_strides: tuple[int, ...] = Field((8, 16), min_length=1, description="mid-level stages, by stride")
+    layers: Layers = feature_layers((8, 16))
     continual: Literal["refit", "cl", "cl++"] = "refit"
     bank_size: int | None = Field(10_000, ge=1, description="patch vectors kept in total (B)")
     bank_ratio: float | None = Field(None, gt=0, le=1, description="refit only: keep this fraction of the patches instead")
     projection_dim: int | None = Field(128, ge=1, description="random projection used only to speed up k-center")
     num_neighbors: int = Field(9, ge=1, description="b in the image-score reweighting")
+    prototype: Literal["map", "pooled"] = Field("map", description="cl++ routing prototype: the mean deepest map, or its spatial average")
     blur_sigma: float = Field(4.0, gt=0)
 
     @model_validator(mode="after")
@@ -48,24 +51,26 @@ class PatchCoreParams(MethodParams):
 class PatchCore(AnomalyModel):
     name = "patchcore"
     Params = PatchCoreParams
+    PAPER_CONFIG = {backbone: {"layers": layers, "prototype": "pooled"} for backbone, layers in DESCRIPTOR_LAYERS.items()}
 
     def __init__(self, params: PatchCoreParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
         super().__init__()
         self.params = params
         self.seed = seed
-        self.backbone = FeatureExtractor(backbone, stages_at_strides(backbone, params.feature_strides), weights)
+        self.backbone = FeatureExtractor(backbone, params.layers, weights)
         self.head = AnomalyMapHead(image_size, params.blur_sigma)
         self.banks: list[torch.Tensor] = []  # one per task (or one), rows in greedy k-center order
-        self.prototypes: torch.Tensor | None = None  # [T, C, h, w], cl++ only
+        self.prototypes: torch.Tensor | None = None  # [T, C, h, w] or [T, C] (pooled), cl++ only
         self.grid: tuple[int, int] | None = None
         self.routed_tasks: torch.Tensor | None = None
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch descriptors [B, P, D] (3x3-averaged, concatenated levels) and the deepest map."""
+        """Patch descriptors [B, P, D] (3x3-averaged, concatenated levels) and the routing feature of each image."""
         maps = self.backbone(images)
         patches = F.avg_pool2d(concat_at_first_grid(maps), kernel_size=3, stride=1, padding=1)
         self.grid = tuple(patches.shape[-2:])
-        return patches.flatten(2).transpose(1, 2), maps[-1]
+        deep = maps[-1].mean(dim=(2, 3)) if self.params.prototype == "pooled" else maps[-1]
+        return patches.flatten(2).transpose(1, 2), deep
 
     def budget(self, tasks: int, patches: int) -> int:
         if self.params.bank_ratio is not None:
@@ -100,6 +105,24 @@ class PatchCore(AnomalyModel):
             prototype = (deep_sum / images).unsqueeze(0)
             self.prototypes = prototype if self.prototypes is None else torch.cat([self.prototypes, prototype])
         self.banks.append(pool[greedy_k_center(pool, per_task, seed=seed, projection_dim=self.params.projection_dim)])
+
+    @torch.no_grad()
+    def shape_as_fitted(self, tasks: int) -> None:
+        """Banks (and CL++ prototypes) of the sizes ``tasks`` tasks leave, each task assumed to have enough patches."""
+        if self.params.bank_ratio is not None:
+            raise ValueError("patchcore: a bank_ratio bank's size depends on the training images; price it with bank_size instead")
+        probe = torch.zeros(1, 3, self.head.image_size, self.head.image_size, device=self.head.blur.kernel.device)
+        patches, deep = self.features(probe)
+        dim = patches.shape[-1]
+        if self.params.continual == "refit":
+            self.banks = [patches.new_zeros(self.params.bank_size, dim)]
+            return
+        per_task = self.budget(tasks, self.params.bank_size)
+        if per_task < 1:
+            raise ValueError(f"bank_size {self.params.bank_size} leaves no room for {tasks} tasks")
+        self.banks = [patches.new_zeros(per_task, dim) for _ in range(tasks)]
+        if self.params.continual == "cl++":
+            self.prototypes = deep.new_zeros(tasks, *deep.shape[1:])
 
     def score_bank(self, patches: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch scores [B, P] and reweighted image scores [B] of patches against one bank."""

@@ -9,8 +9,8 @@ with the truncated L1 loss max(0, th − D(normal)) + max(0, th + D(fake)). Scor
 patch, upsampled and blurred (σ = 4); image score = the map's maximum.
 
 Defaults are a CPU-friendly schedule for the built-in data; ``PAPER_TRAINING`` is the
-original's (Adam, discriminator lr 2e-4, adaptor lr 1e-4, weight decay 1e-5, 160 epochs, batch 8,
-hidden width 1024).
+original's (Adam, discriminator lr 2e-4, adaptor lr 1e-4, weight decay 1e-5, 160 epochs, batch 8;
+the original's discriminator is 1,024 wide, the paper's as wide as its features, see ``paper_preset``).
 
 Stored: the truncated backbone, the adaptor, the discriminator and the map head.
 """
@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from cvad.backbones import FeatureExtractor, stages_at_strides
-from cvad.models.base import AnomalyModel, AnomalyOutput, Task
+from cvad.backbones import FeatureExtractor, Layers, resolve_layers, taps
+from cvad.models.base import AnomalyModel, AnomalyOutput, Task, feature_layers
+from cvad.models.components.frozen import FrozenOutputs, network_digest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
-from cvad.models.components.training import TrainingParams, make_optimizer, train_epochs
+from cvad.models.components.training import TrainingParams, make_optimizer, train_loop
+from cvad.models.paper import DESCRIPTOR_LAYERS
 
 
 class SimpleNetParams(TrainingParams):
@@ -35,8 +37,7 @@ class SimpleNetParams(TrainingParams):
     lr: float = Field(1e-3, gt=0, description="discriminator learning rate")
     adaptor_lr_ratio: float = Field(0.5, gt=0, description="adaptor learning rate = lr x this (the original: 1e-4 / 2e-4)")
     weight_decay: float = Field(1e-5, ge=0)
-    epochs: int = Field(4, ge=1)
-    feature_strides: tuple[int, ...] = Field((8, 16), min_length=1, description="backbone levels, by stride")
+    layers: Layers = feature_layers((8, 16))
     hidden: int = Field(256, ge=1, description="discriminator hidden width (the original: 1024)")
     noise_std: float = Field(0.015, gt=0, description="σ of the Gaussian noise that makes fake anomalies")
     threshold: float = Field(0.5, gt=0, description="margin of the truncated L1 loss")
@@ -46,12 +47,20 @@ class SimpleNetParams(TrainingParams):
 class SimpleNet(AnomalyModel):
     name = "simplenet"
     Params = SimpleNetParams
-    PAPER_TRAINING: ClassVar[dict] = {"optimizer": "adam", "lr": 2e-4, "adaptor_lr_ratio": 0.5, "weight_decay": 1e-5, "epochs": 160, "hidden": 1024}
+    PAPER_TRAINING: ClassVar[dict] = {"optimizer": "adam", "lr": 2e-4, "adaptor_lr_ratio": 0.5, "weight_decay": 1e-5, "epochs": 160}
+    PAPER_CONFIG: ClassVar[dict[str, dict]] = {backbone: {"layers": layers} for backbone, layers in DESCRIPTOR_LAYERS.items()}
+
+    @classmethod
+    def paper_preset(cls, backbone: str, params: dict) -> dict:
+        """The descriptor layers, with a discriminator as wide as the features (what the paper's MB and GFLOPs imply)."""
+        preset = super().paper_preset(backbone, params)
+        layers = params.get("layers", preset["layers"])
+        return preset | {"hidden": sum(taps(backbone)[i].channels for i in resolve_layers(backbone, tuple(layers)))}
 
     def __init__(self, params: SimpleNetParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
         super().__init__()
         self.params = params
-        self.backbone = FeatureExtractor(backbone, stages_at_strides(backbone, params.feature_strides), weights)
+        self.backbone = FeatureExtractor(backbone, params.layers, weights)
         dim = sum(self.backbone.channels)
         self.adaptor = nn.Linear(dim, dim)
         self.discriminator = nn.Sequential(
@@ -67,11 +76,10 @@ class SimpleNet(AnomalyModel):
         self.head = AnomalyMapHead(image_size, params.blur_sigma)
         self.loss_history: list[list[float]] = []
 
-    def patch_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """[B, 3, S, S] -> adapted patch features [B*P, d] and the patch grid."""
+    def patch_features(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Backbone maps -> adapted patch features [B*P, d] and the patch grid."""
         with torch.no_grad():
-            maps = [F.avg_pool2d(m, 3, stride=1, padding=1) for m in self.backbone(images)]
-            features = concat_at_first_grid(maps)
+            features = concat_at_first_grid([F.avg_pool2d(m, 3, stride=1, padding=1) for m in maps])
         grid = tuple(features.shape[-2:])
         return self.adaptor(features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])), grid
 
@@ -82,18 +90,19 @@ class SimpleNet(AnomalyModel):
         ]
         optimizer = make_optimizer(self.params, groups)
         th = self.params.threshold
+        frozen = FrozenOutputs(self.backbone, network_digest(self.backbone, "feature maps"), task.features)
 
         def loss_of(images: torch.Tensor) -> torch.Tensor:
-            normal, _ = self.patch_features(images)
+            normal, _ = self.patch_features(frozen(images))
             noise = torch.randn(normal.shape, generator=self.noise).to(normal.device) * self.params.noise_std
             scores = self.discriminator(torch.cat([normal, normal + noise])).squeeze(1)
             true_scores, fake_scores = scores[: len(normal)], scores[len(normal) :]
             return (th - true_scores).clamp(min=0).mean() + (th + fake_scores).clamp(min=0).mean()
 
-        self.loss_history.append(train_epochs(task, self.params, optimizer, loss_of, method=self.name))
+        self.loss_history.append(train_loop(task, self.params, optimizer, loss_of, method=self.name))
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        features, grid = self.patch_features(images)
+        features, grid = self.patch_features(self.backbone(images))
         patch_scores = -self.discriminator(features).view(len(images), *grid)
         maps = self.head(patch_scores)
         return AnomalyOutput(maps.flatten(1).amax(dim=1), maps)

@@ -26,34 +26,29 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from timm.models._features import FeatureListNet
 from torch import nn
 
-from cvad.backbones import BACKBONES, FeatureExtractor, stages_at_strides
-from cvad.backbones.staged import StagedNetwork
-from cvad.models.base import AnomalyModel, AnomalyOutput, Task
+from cvad.backbones import BACKBONES, FeatureExtractor, Layers
+from cvad.models.base import AnomalyModel, AnomalyOutput, Task, feature_layers
+from cvad.models.components.frozen import FrozenOutputs, network_digest
 from cvad.models.components.maps import GaussianBlur
-from cvad.models.components.training import TrainingParams, make_optimizer, train_epochs
+from cvad.models.components.training import TrainingParams, make_optimizer, train_loop
+from cvad.models.paper import STUDENT_TEACHER_LAYERS
 
 
 class STFPMParams(TrainingParams):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
-    epochs: int = Field(3, ge=1)
-    feature_strides: tuple[int, ...] = Field((4, 8, 16), min_length=1, description="feature levels, by stride")
+    layers: Layers = feature_layers((4, 8, 16))
     combine: Literal["product", "sum"] = Field("product", description="how per-level maps combine into one")
     blur_sigma: float | None = Field(None, gt=0, description="Gaussian blur of the final map; null: none (the original)")
 
 
 def layer_sequence(extractor: FeatureExtractor) -> tuple[list[nn.Module], list[int]]:
-    """The extractor's layers in execution order, and the index of the layer producing each level."""
-    body = extractor.body
-    if isinstance(body, StagedNetwork):
-        return [body.stem, *body.stages], [1 + stage for stage in extractor.stages]
-    if isinstance(body, FeatureListNet):
-        names = list(body.keys())
-        return [body[name] for name in names], [i for i, name in enumerate(names) if name in body.return_layers]
-    raise ValueError(f"backbone {extractor.name} is not a convolutional network; STFPM and PaSTe need a CNN teacher")
+    """The extractor's blocks in execution order, and the index of the block producing each level."""
+    if extractor.blocks is None:
+        raise ValueError(f"backbone {extractor.name} is not a convolutional network; STFPM and PaSTe need a CNN teacher")
+    return list(extractor.blocks), list(extractor.tap_indices)
 
 
 def run_layers(layers: list[nn.Module], x: torch.Tensor, start: int, outputs: list[int]) -> list[torch.Tensor]:
@@ -81,6 +76,7 @@ class STFPM(AnomalyModel):
     name = "stfpm"
     Params = STFPMParams
     PAPER_TRAINING: ClassVar[dict] = {"optimizer": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 100}
+    PAPER_CONFIG: ClassVar[dict[str, dict]] = {backbone: {"layers": layers} for backbone, (layers, _) in STUDENT_TEACHER_LAYERS.items()}
 
     def __init__(self, params: STFPMParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
         super().__init__()
@@ -88,7 +84,7 @@ class STFPM(AnomalyModel):
         self.image_size = image_size
         if BACKBONES.get(backbone).is_vit:
             raise ValueError(f"{self.name}: backbone {backbone} is not a convolutional network; STFPM and PaSTe need a CNN teacher")
-        self.backbone = FeatureExtractor(backbone, stages_at_strides(backbone, params.feature_strides), weights)
+        self.backbone = FeatureExtractor(backbone, params.layers, weights)
         layers, levels = layer_sequence(self.backbone)
         self.split = self.shared_layers(levels)
         self.levels = [i for i in levels if i >= self.split]  # levels the student produces
@@ -105,12 +101,16 @@ class STFPM(AnomalyModel):
         """How many of the teacher's first layers the student shares: none for STFPM."""
         return 0
 
-    def features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Teacher and student features at the student's levels; the shared layers run once."""
+    @torch.no_grad()
+    def teacher_side(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen part: the student's input (the shared layers' output, or the normalised image) and the teacher's levels."""
         x = (images - self.backbone.mean) / self.backbone.std
-        with torch.no_grad():
-            shared = run_layers(self.teacher_layers, x, 0, [self.split - 1])[0] if self.split else x
-            teacher = run_layers(self.teacher_layers, shared, self.split, self.levels)
+        shared = run_layers(self.teacher_layers, x, 0, [self.split - 1])[0] if self.split else x
+        return [shared, *run_layers(self.teacher_layers, shared, self.split, self.levels)]
+
+    def features(self, images: torch.Tensor, frozen: FrozenOutputs | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Teacher and student features at the student's levels; the shared layers run once."""
+        shared, *teacher = (frozen or self.teacher_side)(images)
         student_layers = [None] * self.split + list(self.student)
         student = run_layers(student_layers, shared, self.split, self.levels)
         return teacher, student
@@ -122,12 +122,14 @@ class STFPM(AnomalyModel):
 
     def fit_task(self, task: Task) -> None:
         optimizer = make_optimizer(self.params, list(self.student.parameters()))
+        returns = f"stfpm teacher side: split {self.split}, levels {self.levels}"
+        frozen = FrozenOutputs(self.teacher_side, network_digest(self.backbone, returns), task.features)
 
         def loss_of(images: torch.Tensor) -> torch.Tensor:
-            distances = self.level_distances(*self.features(images))
+            distances = self.level_distances(*self.features(images, frozen))
             return sum(d.mean() for d in distances)
 
-        self.loss_history.append(train_epochs(task, self.params, optimizer, loss_of, method=self.name))
+        self.loss_history.append(train_loop(task, self.params, optimizer, loss_of, method=self.name))
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         distances = self.level_distances(*self.features(images))

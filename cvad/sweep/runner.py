@@ -9,6 +9,8 @@ does with it:
 - COMPLETE: done, never run again;
 - FAIL with an ``error`` attribute: the trial itself failed (an exception, NaN, out of
   memory); recorded, not rerun;
+- PRUNED: priced before training (``cvad.cost``) and over the sweep's constraints; recorded
+  with the reason and the price, never run;
 - FAIL without one: interrupted (Ctrl-C, the driver killed); its parameters are queued again;
 - RUNNING in a study no driver is working on: the driver died; marked interrupted on resume.
 """
@@ -30,6 +32,7 @@ from cvad.config import ConfigError, RunConfig
 from cvad.pareto import pareto_front
 from cvad.sweep.spec import SweepSpec, objective_values
 from cvad.tracking import SweepTracker, default_tracking_uri
+from cvad.trial import RESULT_SCHEMA
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 MAX_CONSECUTIVE_DUPLICATES = 50
@@ -61,6 +64,7 @@ class SweepOutcome:
     study_name: str
     completed: int
     failed: int
+    pruned: int
     interrupted: bool
     best: list[FrozenTrial] = field(default_factory=list)
 
@@ -120,6 +124,7 @@ class SweepRunner:
         self.step_seen: dict[int, str] = {}  # trial number -> worker that reported its steps
         self.steps_logged: dict[int, set[int]] = {}  # trial number -> steps already logged live
         self.pending_logs: list[tuple] = []  # concluded trials whose MLflow logging is still to do
+        self.prices: dict[str, dict] = {}  # run config (JSON) -> its efficiency, priced before training
         self.timings: dict[str, float] = {}
 
     # -- set-up ------------------------------------------------------------------------------
@@ -160,7 +165,9 @@ class SweepRunner:
     def queue_work(self, study: optuna.Study) -> int:
         """Enqueue what must (re)run; return how many trials this session may still finish."""
         trials = study.get_trials(deepcopy=False)
-        finished = [t for t in trials if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and not is_interrupted(t))]
+        finished = [
+            t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and not is_interrupted(t))
+        ]
         done = {params_key(t.params) for t in finished}
         # An enqueued trial has no params yet: Optuna keeps them as its "fixed_params".
         waiting = {params_key(t.system_attrs.get("fixed_params", {})) for t in trials if t.state == TrialState.WAITING}
@@ -310,6 +317,7 @@ class SweepRunner:
             return
         if self.spec.settings.resources.gpus_per_trial > 0 and config.device == "cpu":
             config = config.model_copy(update={"device": "cuda"})
+        over_budget = self.over_budget(config)
         tags = {
             "cvad.sweep": self.spec.name,
             "cvad.trial": str(trial.number),
@@ -321,12 +329,42 @@ class SweepRunner:
             "cvad.seed": str(config.seed),
             "cvad.version": cvad.__version__,
         }
+        if over_budget:
+            tags |= {"cvad.pruned": over_budget, "cvad.schema": str(RESULT_SCHEMA)}
         run_id = tracker.start_trial(parent, f"{trial.number:03d} {describe(config)}", config.to_dict(), tags)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("label", describe(config))
-        ref = remote.remote(config.to_dict(), trial.number, events, threads)
+        if over_budget:
+            price = self.prices[params_key(config.to_dict())]
+            trial.set_user_attr("pruned", over_budget)
+            trial.set_user_attr("constraints", self.spec.settings.constraints.values({"efficiency": price}))
+            study.tell(trial, state=TrialState.PRUNED)
+            priced = {k: price[k] for k in ("memory_mb", "memory_bytes", "gflops", "gmacs")}
+            tracker.log_metrics(run_id, priced, step=0)
+            tracker.end_trial(run_id, "FINISHED")
+            self.say(f"[{self.elapsed()}] trial {trial.number} pruned before training ({describe(config)}): {over_budget}")
+            return
+        ref = remote.remote(config.to_dict(), trial.number, events, threads, self.spec.settings.feature_cache)
         self.running[ref] = (trial, run_id, config, time.perf_counter())
         self.say(f"[{self.elapsed()}] trial {trial.number} started: {describe(config)}")
+
+    def over_budget(self, config: RunConfig) -> str | None:
+        """Why a configuration breaks the sweep's constraints, priced without data or training; None if it fits."""
+        constraints = self.spec.settings.constraints
+        if not constraints.active:
+            return None
+        from cvad.cost import price_config
+
+        key = params_key(config.to_dict())
+        if key not in self.prices:
+            self.prices[key] = price_config(config)
+        price = self.prices[key]
+        reasons = []
+        if constraints.max_mb is not None and price["memory_mb"] > constraints.max_mb:
+            reasons.append(f"{price['memory_mb']:.3g} MB > max_mb {constraints.max_mb:g}")
+        if constraints.max_gflops is not None and price["gflops"] > constraints.max_gflops:
+            reasons.append(f"{price['gflops']:.3g} GFLOPs > max_gflops {constraints.max_gflops:g}")
+        return ", ".join(reasons) + f" after {price['tasks']} tasks" if reasons else None
 
     @staticmethod
     def progress_queue(ray, queue_class):
@@ -423,7 +461,8 @@ class SweepRunner:
         trials = study.get_trials(deepcopy=False)
         done = sum(t.state == TrialState.COMPLETE for t in trials)
         failed = sum(t.state == TrialState.FAIL and not is_interrupted(t) for t in trials)
-        line = f"[{self.elapsed()}] {done} done, {failed} failed, {len(self.running)} running"
+        pruned = sum(t.state == TrialState.PRUNED for t in trials)
+        line = f"[{self.elapsed()}] {done} done, {failed} failed, {pruned} pruned (over budget), {len(self.running)} running"
         best = best_trials(study, self.spec)
         if best:
             first = self.spec.settings.objectives[0]
@@ -439,6 +478,7 @@ class SweepRunner:
             study_name=study.study_name,
             completed=sum(t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs for t in trials),
             failed=sum(t.state == TrialState.FAIL and not is_interrupted(t) for t in trials),
+            pruned=sum(t.state == TrialState.PRUNED for t in trials),
             interrupted=interrupted,
             best=best_trials(study, self.spec),
         )
@@ -461,8 +501,8 @@ def import_trial_code() -> None:
     import cvad.sweep.worker  # noqa: F401
 
 
-def run_trial_remote(config: dict, number: int, events, threads: int) -> dict:
+def run_trial_remote(config: dict, number: int, events, threads: int, feature_cache: bool) -> dict:
     """Ray entry point (module level so that workers import it by name)."""
     from cvad.sweep.worker import run_trial_for_sweep
 
-    return run_trial_for_sweep(config, number, events, threads)
+    return run_trial_for_sweep(config, number, events, threads, feature_cache)

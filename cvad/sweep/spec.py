@@ -98,6 +98,9 @@ class SweepSettings(StrictModel):
     )
     constraints: Constraints = Field(default_factory=Constraints)
     resources: Resources = Field(default_factory=Resources)
+    feature_cache: bool = Field(
+        True, description="share frozen networks' outputs per training image between trials ($CVAD_CACHE/features)"
+    )
 
     @field_validator("objectives", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cvad import cache_root
 from cvad.backbones.weights import RandomWeightsWarning
 from cvad.config import validate_config
 from cvad.trial import run_trial
@@ -27,11 +28,13 @@ def ray_node() -> str:
     return os.uname().nodename
 
 
-def run_trial_for_sweep(config: dict, number: int, events, threads: int) -> dict:
+def run_trial_for_sweep(config: dict, number: int, events, threads: int, feature_cache: bool = True) -> dict:
     """Run trial ``number``; return its record, its artifact files ``{relative path: bytes}`` and the worker (Ray node:pid).
 
     ``events`` is a queue (``ray.util.queue.Queue`` or anything with ``put``) that receives
-    ``("step", number, info)`` after each training step of the stream.
+    ``("step", number, info)`` after each training step of the stream. With ``feature_cache``,
+    frozen networks' outputs per training image are shared with the node's other trials
+    through ``$CVAD_CACHE/features`` (the records are the same either way).
     """
     torch.set_num_threads(max(1, threads))
     run_config = validate_config(config)
@@ -49,6 +52,7 @@ def run_trial_for_sweep(config: dict, number: int, events, threads: int) -> dict
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # Random weights are recorded in the result (weights.pretrained) and flagged by the driver.
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        record = run_trial(run_config, progress=forward, output_dir=Path(tmp))
+        cache = cache_root() / "features" if feature_cache else None
+        record = run_trial(run_config, progress=forward, output_dir=Path(tmp), feature_cache=cache)
         artifacts = {p.relative_to(tmp).as_posix(): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
     return {"record": record, "artifacts": artifacts, "worker": worker}

@@ -2,8 +2,14 @@
 
 Each trained method's ``Params`` extends :class:`TrainingParams` and sets its own defaults:
 the defaults are small CPU-friendly schedules for the built-in data; ``PAPER_TRAINING`` on
-each method holds the original paper's schedule for real data (used by the paper sweeps).
+each method holds the original paper's schedule for real data (used by the paper preset).
 The training batch size is ``dataset.batch_size``.
+
+A step's training budget is counted in optimizer updates. With ``steps`` (the defaults), a
+step gets ``steps`` updates per task it trains on: every stream step gets the same number
+whatever its buffer holds, and a joint step over T tasks gets T x steps, as many as the whole
+stream, so joint training is the upper bound it is meant to be. With ``epochs`` (the original
+papers' schedules), a step gets that many passes over its images.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import math
 from typing import Callable, Iterable, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cvad.models.base import MethodParams, Task
 
@@ -26,8 +32,25 @@ class TrainingParams(MethodParams):
     lr: float = Field(1e-3, gt=0, description="learning rate")
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (sgd only)")
-    epochs: int = Field(2, ge=1, description="passes over each task's training images (plus replay)")
+    steps: int | None = Field(
+        100, ge=1, description="optimizer updates per task a step trains on (a joint step over T tasks: T x steps)"
+    )
+    epochs: int | None = Field(None, ge=1, description="instead of steps: passes over each step's images (plus replay)")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value; null: no clipping")
+
+    @model_validator(mode="before")
+    @classmethod
+    def epochs_replace_steps(cls, data: object) -> object:
+        """Giving ``epochs`` alone asks for an epoch budget: the default ``steps`` steps aside."""
+        if isinstance(data, dict) and data.get("epochs") is not None and "steps" not in data:
+            return {**data, "steps": None}
+        return data
+
+    @model_validator(mode="after")
+    def one_budget(self) -> "TrainingParams":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"give one training budget: steps (updates per task) or epochs (passes), got steps={self.steps}, epochs={self.epochs}")
+        return self
 
 
 def make_optimizer(params: TrainingParams, groups: Iterable[torch.nn.Parameter] | list[dict]) -> torch.optim.Optimizer:
@@ -38,7 +61,14 @@ def make_optimizer(params: TrainingParams, groups: Iterable[torch.nn.Parameter] 
     return cls(groups, lr=params.lr, weight_decay=params.weight_decay)
 
 
-def train_epochs(
+def update_budget(task: Task, params: TrainingParams) -> int:
+    """Optimizer updates a step gets: ``steps`` per task it covers, or ``epochs`` passes over its batches."""
+    if params.epochs is not None:
+        return params.epochs * len(task.train)
+    return params.steps * task.tasks_covered
+
+
+def train_loop(
     task: Task,
     params: TrainingParams,
     optimizer: torch.optim.Optimizer,
@@ -46,21 +76,29 @@ def train_epochs(
     *,
     method: str,
 ) -> list[float]:
-    """Run ``params.epochs`` passes of ``loss_of`` over the task's batches; return the mean loss per epoch.
+    """Run the step's update budget in passes over its batches; return the mean loss of each pass.
 
-    Reports ``train_epoch`` events through ``task.report`` and raises
+    Reports ``train_epoch`` events (one per pass) through ``task.report`` and raises
     :class:`TrainingDivergedError` on the first non-finite loss.
     """
+    batches_per_pass = len(task.train)
+    if batches_per_pass == 0:
+        raise ValueError(f"{method}: task {task.index + 1} ({task.name}) has no training images")
+    total = update_budget(task, params)
+    passes = math.ceil(total / batches_per_pass)
     history = []
     trained = [p for group in optimizer.param_groups for p in group["params"]]
-    for epoch in range(1, params.epochs + 1):
-        total, batches = 0.0, 0
+    done = 0
+    for number in range(1, passes + 1):
+        pass_loss, batches = 0.0, 0
         for images in task.train:
+            if done == total:
+                break
             loss = loss_of(images)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingDivergedError(
-                    f"{method}: the training loss became {value} at epoch {epoch}/{params.epochs}, batch {batches + 1} "
+                    f"{method}: the training loss became {value} at update {done + 1}/{total} (pass {number}) "
                     f"of task {task.index + 1} ({task.name}); lower model.params.lr (now {params.lr:g}) "
                     "or set model.params.grad_clip"
                 )
@@ -69,10 +107,9 @@ def train_epochs(
             if params.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(trained, params.grad_clip)
             optimizer.step()
-            total += value
+            pass_loss += value
             batches += 1
-        if batches == 0:
-            raise ValueError(f"{method}: task {task.index + 1} ({task.name}) has no training images")
-        history.append(total / batches)
-        task.report("train_epoch", {"step": task.index, "epoch": epoch, "epochs": params.epochs, "loss": history[-1]})
+            done += 1
+        history.append(pass_loss / batches)
+        task.report("train_epoch", {"step": task.index, "epoch": number, "epochs": passes, "loss": history[-1]})
     return history

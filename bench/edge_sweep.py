@@ -42,7 +42,7 @@ def main() -> None:
     trials = load_trials(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     print(f"\n{'trial':>5}  {'configuration':<58} {'outcome':<12} {'pixel F1':>8} {'MB':>7} {'GFLOPs':>7} {'s':>6}")
     for _, row in trials.iterrows():
-        outcome = "pruned" if row["pruned"] else row["status"].lower()
+        outcome = "pruned" if isinstance(row["pruned"], str) else row["status"].lower()
         seconds = "-" if row["wall_seconds"] != row["wall_seconds"] else f"{row['wall_seconds']:.0f}"
         f1 = "-" if row["pixel_f1"] != row["pixel_f1"] else f"{row['pixel_f1']:.3f}"
         print(f"{row['trial']:>5}  {row['name']:<58} {outcome:<12} {f1:>8} {row['memory_mb']:7.2f} {row['gflops']:7.3f} {seconds:>6}")

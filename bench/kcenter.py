@@ -32,7 +32,7 @@ def real_descriptors(n: int) -> torch.Tensor:
     images_per_task = -(-n // (per_image * 5))
     config = validate_config({"dataset": {"builtin": {"train_per_category": images_per_task}}, "model": {"name": "patchcore"}})
     model = build_model("patchcore", config.model.params, backbone="mobilenetv2_100", weights="imagenet", image_size=224, seed=0)
-    settings = LoaderSettings(224, 16, "cpu", 0)
+    settings = LoaderSettings(224, 16, "cpu", 0, eval_batch_size=4)
     rows = []
     with torch.no_grad():
         for split in load_task_stream(config.dataset):

@@ -33,7 +33,10 @@ class DatasetConfig(StrictModel):
         "all", description="categories in task order; 'all' (the dataset's order) or a benchmark preset"
     )
     image_size: int = Field(224, ge=32, le=1024, description="square model input size in px")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(8, ge=1, description="training batch size")
+    eval_batch_size: int = Field(
+        4, ge=1, description="images scored at once; on CPUs a few at a time run fastest (inference is memory-bound)"
+    )
     builtin: BuiltinOptions = Field(default_factory=BuiltinOptions)
     cache_dir: Path | None = Field(None, description="folder for generated built-in datasets (default $CVAD_CACHE/builtin or ~/.cache/cvad/builtin)")
 

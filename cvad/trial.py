@@ -71,7 +71,7 @@ def run_trial(
         seed=config.seed,
     ).to(device)
 
-    settings = LoaderSettings(config.dataset.image_size, config.dataset.batch_size, device, config.seed)
+    settings = LoaderSettings(config.dataset.image_size, config.dataset.batch_size, device, config.seed, config.dataset.eval_batch_size)
     protocol_started = time.perf_counter()
     stream = run_continual(
         model,

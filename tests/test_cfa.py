@@ -85,3 +85,13 @@ def test_nan_loss_stops_training(nuts):
     task.train = [nuts[:4].float() / 255, bad]
     with pytest.raises(TrainingDivergedError):
         model.fit_task(task)
+
+
+def test_image_score_is_the_maximum_away_from_the_border(trained, nuts):
+    """Zero padding makes the outermost features unlike any memory entry: the image score leaves them out."""
+    with torch.no_grad():
+        output = trained(nuts[:4].float() / 255)
+    m = trained.params.score_margin
+    assert m > 0
+    inner = output.anomaly_maps[:, m:-m, m:-m].flatten(1).amax(dim=1)
+    assert torch.equal(output.image_scores, inner)

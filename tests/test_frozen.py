@@ -35,6 +35,16 @@ def test_each_image_is_computed_once_and_spills_past_the_memory_limit(tmp_path):
         assert torch.allclose(first, network(images), atol=1e-6)  # a batch of five may round differently
 
 
+def test_backbones_that_return_different_blocks_never_share_entries():
+    from cvad.backbones import FeatureExtractor
+    from cvad.models.components.frozen import extractor_digest
+
+    # The same weights up to stride 16, but different blocks returned.
+    shallow, deep = (FeatureExtractor("mobilenetv2_100", layers, "imagenet") for layers in ((8, 16), (4, 8, 16)))
+    assert extractor_digest(shallow) != extractor_digest(deep)
+    assert extractor_digest(shallow) == extractor_digest(FeatureExtractor("mobilenetv2_100", (8, 16), "imagenet"))
+
+
 def test_a_different_network_or_image_never_hits(tmp_path):
     a, b = torch.nn.Conv2d(3, 4, 3).eval(), torch.nn.Conv2d(3, 4, 3).eval()
     assert network_digest(a, "conv") != network_digest(b, "conv")

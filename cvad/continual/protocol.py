@@ -52,6 +52,7 @@ class LoaderSettings:
     batch_size: int
     device: str
     seed: int
+    eval_batch_size: int
 
 
 def train_batches(dataset, settings: LoaderSettings, step: int) -> ImageBatches:
@@ -67,7 +68,7 @@ def evaluate(model: AnomalyModel, split: CategorySplit, settings: LoaderSettings
 
     With ``task_index``, a method that routes images to tasks also gets ``routing_accuracy``.
     """
-    loader = DataLoader(ImageDataset(split.test, settings.image_size), batch_size=settings.batch_size)
+    loader = DataLoader(ImageDataset(split.test, settings.image_size), batch_size=settings.eval_batch_size)
     image_metrics, pixel_metrics = ImageMetrics(), PixelMetrics()
     routed_right = routed = 0
     for batch in loader:

@@ -7,7 +7,13 @@ over the task's training images (the original's initialisation), optionally comp
 every ``compression``-th entry by greedy k-center. Training pulls each adapted feature inside a
 hypersphere of radius r around its ``k`` nearest memory features and pushes its next ``j``
 (hard negatives) beyond r + α. Score per patch = the softmin-weighted distance to the nearest
-memory feature; the map is upsampled and blurred (σ = 4); image score = its maximum.
+memory feature; the map is upsampled and blurred (σ = 4); image score = its maximum away from
+the border (``score_margin``, 16 px = 4 stride-4 cells): the backbone's zero padding makes the
+outermost features unlike every memory entry, so on normal images the corners scored highest and
+decided the image score (image ROC-AUC 0.50 and 0.79 on built-in brick and hex nut with pixel
+ROC-AUC 0.997; 1.00 and 1.00 without the border). Training draws ``train_patches`` patches per
+image for each update (seeded): the hypersphere loss is a mean over patches, and every patch
+against a 3,136-entry memory cost 3.6 s per update of 16 images on 2 cores.
 
 Continual learning, handled like the replay models: at each task the memory is rebuilt from
 the images the task provides (the new task; plus the replay buffer under ``replay``; every
@@ -31,7 +37,7 @@ from torch import nn
 from cvad.backbones import FeatureExtractor, Layers
 from cvad.models.base import AnomalyModel, AnomalyOutput, Task, feature_layers
 from cvad.models.components.coreset import greedy_k_center
-from cvad.models.components.frozen import FrozenOutputs, network_digest
+from cvad.models.components.frozen import FrozenOutputs, extractor_digest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
 from cvad.models.components.training import TrainingParams, make_optimizer, train_loop
 from cvad.models.paper import DESCRIPTOR_LAYERS
@@ -43,11 +49,17 @@ class CFAParams(TrainingParams):
     weight_decay: float = Field(5e-4, ge=0)
     layers: Layers = feature_layers((4, 8, 16))
     compression: int = Field(1, ge=1, description="keep 1 in this many memory entries (greedy k-center); 1 keeps every position")
+    train_patches: int | None = Field(
+        512, ge=1, description="patches per image drawn (seeded) for each update; null: every patch, as the original"
+    )
     k: int = Field(3, ge=1, description="nearest memory features each feature is pulled towards")
     j: int = Field(3, ge=0, description="hard negatives pushed out, after the k nearest")
     radius: float = Field(1e-5, ge=0, description="hypersphere radius r")
     alpha: float = Field(0.1, ge=0, description="margin beyond r for the hard negatives")
     blur_sigma: float = Field(4.0, gt=0)
+    score_margin: int = Field(
+        16, ge=0, description="px along the border the image score (the map's maximum) leaves out; 0: the whole map"
+    )
 
 
 class CoordConvDescriptor(nn.Module):
@@ -80,6 +92,7 @@ class CFA(AnomalyModel):
             self.descriptor = CoordConvDescriptor(sum(self.backbone.channels))
         self.head = AnomalyMapHead(image_size, params.blur_sigma)
         self.register_buffer("memory", torch.zeros(0))
+        self.sampler = torch.Generator().manual_seed(seed)
         self.loss_history: list[list[float]] = []
 
     def describe(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -120,7 +133,7 @@ class CFA(AnomalyModel):
         return distances.topk(min(count, len(self.memory)), dim=-1, largest=False).values
 
     def fit_task(self, task: Task) -> None:
-        frozen = FrozenOutputs(self.backbone, network_digest(self.backbone, "feature maps"), task.features)
+        frozen = FrozenOutputs(self.backbone, extractor_digest(self.backbone), task.features)
         self.build_memory(task, frozen)
         p = self.params
         optimizer = make_optimizer(p, list(self.descriptor.parameters()))
@@ -128,6 +141,10 @@ class CFA(AnomalyModel):
 
         def loss_of(images: torch.Tensor) -> torch.Tensor:
             features, _ = self.describe(frozen(images))
+            if p.train_patches is not None and p.train_patches < features.shape[1]:
+                # The loss is a mean over patches: a seeded random subset estimates it at a fraction of the cost.
+                keep = torch.randperm(features.shape[1], generator=self.sampler)[: p.train_patches].to(features.device)
+                features = features.index_select(1, keep)
             nearest = self.nearest_distances(features, p.k + p.j)
             attract = (nearest[..., : p.k] - r2).clamp(min=0).mean()
             if p.j == 0 or nearest.shape[-1] <= p.k:
@@ -144,7 +161,9 @@ class CFA(AnomalyModel):
         nearest = self.nearest_distances(features, self.params.k)
         patch = F.softmin(nearest, dim=-1)[..., 0] * nearest[..., 0]
         maps = self.head(patch.view(len(images), *grid))
-        return AnomalyOutput(maps.flatten(1).amax(dim=1), maps)
+        m = self.params.score_margin
+        inner = maps[:, m : maps.shape[1] - m, m : maps.shape[2] - m] if m else maps
+        return AnomalyOutput(inner.flatten(1).amax(dim=1), maps)
 
     def stored_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {

@@ -201,7 +201,7 @@ class Dinomaly(AnomalyModel):
     """Dinomaly / Tiny-Dinomaly: reconstruct a frozen ViT's middle-layer tokens with a linear-attention decoder.
 
     Default schedule (CPU, built-in data, 224 px): AdamW, lr 2e-3 with 1 % warm-up and a
-    cosine decay to 2e-4, weight decay 1e-4, gradient-norm clip 0.1, 8 epochs per task.
+    cosine decay to 2e-4, weight decay 1e-4, gradient-norm clip 0.1, 40 updates per task.
     ``PAPER_TRAINING`` is the original's schedule for MVTec AD: StableAdamW (AMSGrad,
     eps 1e-10), lr 2e-3, betas (0.9, 0.999), weight decay 1e-4, 100 warm-up iterations
     then cosine to 2e-4, 10 000 iterations of batch 16, clip 0.1, images resized to 448

@@ -10,9 +10,10 @@ to the input size (no blur, as in the original; ``blur_sigma`` adds one); image 
 Under the continual strategies the same student keeps training on whatever each task brings
 (the new task; plus the buffer under replay; everything once under joint).
 
-Defaults are a CPU-friendly schedule for the built-in data (Adam, 3 epochs per task);
-``PAPER_TRAINING`` is the original paper's (SGD 0.4, momentum 0.9, weight decay 1e-4,
-100 epochs, batch 32).
+Defaults are a CPU-sized schedule for the built-in data (Adam 1e-3, 40 updates per task; joint
+training: 40 x T); ``PAPER_TRAINING`` is the original paper's (SGD 0.4, momentum 0.9, weight
+decay 1e-4, 100 epochs, batch 32). The teacher's outputs for a training image are computed once
+(``FrozenOutputs``), not once per update.
 
 Stored: the teacher (truncated after its deepest level), the student (the layers it learns)
 and the map head.

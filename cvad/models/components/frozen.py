@@ -43,6 +43,11 @@ def network_digest(module: nn.Module, returns: str) -> str:
     return digest(*parts)
 
 
+def extractor_digest(extractor: nn.Module) -> str:
+    """Identity of a backbone feature extractor's outputs: its weights and the blocks it returns."""
+    return network_digest(extractor, f"feature maps of blocks {list(extractor.tap_names)}")
+
+
 class FeatureStore:
     """Frozen outputs by key: memory up to a limit, then disk. One per trial, or shared by a sweep's trials via ``directory``."""
 

@@ -33,7 +33,7 @@ class TrainingParams(MethodParams):
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (sgd only)")
     steps: int | None = Field(
-        100, ge=1, description="optimizer updates per task a step trains on (a joint step over T tasks: T x steps)"
+        40, ge=1, description="optimizer updates per task a step trains on (a joint step over T tasks: T x steps)"
     )
     epochs: int | None = Field(None, ge=1, description="instead of steps: passes over each step's images (plus replay)")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value; null: no clipping")

@@ -168,7 +168,7 @@ def test_in_a_real_browser(store, tmp_path):
             page.goto(f"http://127.0.0.1:{port}", timeout=60_000)
             alert = page.locator("[data-testid='stAlert']").first
             alert.wait_for(timeout=60_000)
-            field = page.get_by_label("max memory (MB)")
+            field = page.get_by_role("spinbutton", name="max memory (MB)")
             field.fill(str(budget))
             field.press("Enter")
             page.locator("[data-testid='stAlert']", has_text=f"under {budget:g} MB").first.wait_for(timeout=60_000)

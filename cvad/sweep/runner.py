@@ -359,11 +359,7 @@ class SweepRunner:
         if key not in self.prices:
             self.prices[key] = price_config(config)
         price = self.prices[key]
-        reasons = []
-        if constraints.max_mb is not None and price["memory_mb"] > constraints.max_mb:
-            reasons.append(f"{price['memory_mb']:.3g} MB > max_mb {constraints.max_mb:g}")
-        if constraints.max_gflops is not None and price["gflops"] > constraints.max_gflops:
-            reasons.append(f"{price['gflops']:.3g} GFLOPs > max_gflops {constraints.max_gflops:g}")
+        reasons = constraints.violations({"efficiency": price})
         return ", ".join(reasons) + f" after {price['tasks']} tasks" if reasons else None
 
     @staticmethod

@@ -75,14 +75,21 @@ class Constraints(StrictModel):
     max_mb: float | None = Field(None, gt=0)
     max_gflops: float | None = Field(None, gt=0)
 
+    def limits(self) -> list[tuple[str, str, str, float]]:
+        """(constraint, efficiency field, unit, limit) of each budget that is set."""
+        budgets = [("max_mb", "memory_mb", "MB", self.max_mb), ("max_gflops", "gflops", "GFLOPs", self.max_gflops)]
+        return [budget for budget in budgets if budget[-1] is not None]
+
     def values(self, record: dict) -> list[float]:
         eff = record["efficiency"]
-        out = []
-        if self.max_mb is not None:
-            out.append(eff["memory_mb"] - self.max_mb)
-        if self.max_gflops is not None:
-            out.append(eff["gflops"] - self.max_gflops)
-        return out
+        return [eff[field] - limit for _, field, _, limit in self.limits()]
+
+    def violations(self, record: dict) -> list[str]:
+        """The budgets a record breaks, in words ("25.3 MB > max_mb 20"); empty when it fits."""
+        eff = record["efficiency"]
+        return [
+            f"{eff[field]:.3g} {unit} > {name} {limit:g}" for name, field, unit, limit in self.limits() if eff[field] > limit
+        ]
 
     @property
     def active(self) -> bool:

@@ -45,7 +45,10 @@ def main() -> None:
         outcome = "pruned" if isinstance(row["pruned"], str) else row["status"].lower()
         seconds = "-" if row["wall_seconds"] != row["wall_seconds"] else f"{row['wall_seconds']:.0f}"
         f1 = "-" if row["pixel_f1"] != row["pixel_f1"] else f"{row['pixel_f1']:.3f}"
-        print(f"{row['trial']:>5}  {row['name']:<58} {outcome:<12} {f1:>8} {row['memory_mb']:7.2f} {row['gflops']:7.3f} {seconds:>6}")
+        print(
+            f"{row['trial']:>5}  {row['name']:<58} {outcome:<12} {f1:>8} "
+            f"{row['memory_mb']:7.2f} {row['gflops']:7.3f} {seconds:>6}"
+        )
     trained = trials["wall_seconds"].sum(skipna=True)
     print(f"\nsweep wall time {total:.0f} s (trials' own {trained:.0f} s, the rest: data, Ray, pricing, logging)")
     print(f"target {TARGET_SECONDS} s: ratio {total / TARGET_SECONDS:.2f}")

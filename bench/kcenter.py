@@ -22,7 +22,7 @@ from cvad.config import validate_config
 from cvad.continual.protocol import LoaderSettings, train_batches
 from cvad.data import load_task_stream
 from cvad.data.base import ImageDataset
-from cvad.models import build_model
+from cvad.models import Setup, build_model
 from cvad.models.components.coreset import greedy_k_center
 
 
@@ -30,8 +30,10 @@ def real_descriptors(n: int) -> torch.Tensor:
     """PatchCore descriptors of enough built-in training images to give ``n`` rows."""
     per_image = (224 // 8) ** 2
     images_per_task = -(-n // (per_image * 5))
-    config = validate_config({"dataset": {"builtin": {"train_per_category": images_per_task}}, "model": {"name": "patchcore"}})
-    model = build_model("patchcore", config.model.params, backbone="mobilenetv2_100", weights="imagenet", image_size=224, seed=0)
+    config = validate_config(
+        {"dataset": {"builtin": {"train_per_category": images_per_task}}, "model": {"name": "patchcore"}}
+    )
+    model = build_model("patchcore", config.model.params, Setup("mobilenetv2_100"))
     settings = LoaderSettings(224, 16, "cpu", 0, eval_batch_size=4)
     rows = []
     with torch.no_grad():
@@ -60,10 +62,13 @@ def main() -> None:
     if args.noise:
         sources["gaussian noise"] = torch.randn(args.n, 128, generator=torch.Generator().manual_seed(0))
     for name, x in sources.items():
-        ours = timed(lambda: greedy_k_center(x, args.k, seed=0, projection_dim=None))
-        floor = timed(lambda: [x @ x[i] for i in range(args.k)])
+        ours = timed(lambda x=x: greedy_k_center(x, args.k, seed=0, projection_dim=None))
+        floor = timed(lambda x=x: [x @ x[i] for i in range(args.k)])
         print(f"  {name:<20} cvad {ours:7.2f} s   reference (k matvecs) {floor:7.2f} s   ratio {ours / floor:5.2f}")
-    print(f"  working memory: {args.n * 128 * 4 / 1e6:.1f} MB of descriptors + {args.n * 12 / 1e6:.1f} MB of per-point state")
+    print(
+        f"  working memory: {args.n * 128 * 4 / 1e6:.1f} MB of descriptors "
+        f"+ {args.n * 12 / 1e6:.1f} MB of per-point state"
+    )
 
 
 if __name__ == "__main__":

@@ -66,16 +66,19 @@ def main() -> None:
     warnings.simplefilter("ignore")
 
     results = {}
-    print("| variant | image F1 | pixel F1 | image AUROC | pixel AUROC | forgetting pF1 | routing | MB | GFLOPs | train s |")
+    print(
+        "| variant | image F1 | pixel F1 | image AUROC | pixel AUROC | "
+        "forgetting pF1 | routing | MB | GFLOPs | train s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, raw in variants(args.bank).items():
         started = time.perf_counter()
         result = results[name] = run(raw, args.image_size)
         f, e = result["final"], result["efficiency"]
         print(
-            f"| {name} | {fmt(f['image_f1'])} | {fmt(f['pixel_f1'])} | {fmt(f['image_auroc'])} | {fmt(f['pixel_auroc'])} "
-            f"| {fmt(f['forgetting_pixel_f1'])} | {fmt(f['routing_accuracy'])} | {e['memory_mb']:.2f} | {e['gflops']:.3f} "
-            f"| {result['wall_seconds']['train']:.1f} |",
+            f"| {name} | {fmt(f['image_f1'])} | {fmt(f['pixel_f1'])} | {fmt(f['image_auroc'])} "
+            f"| {fmt(f['pixel_auroc'])} | {fmt(f['forgetting_pixel_f1'])} | {fmt(f['routing_accuracy'])} "
+            f"| {e['memory_mb']:.2f} | {e['gflops']:.3f} | {result['wall_seconds']['train']:.1f} |",
             flush=True,
         )
         result["bench_seconds"] = time.perf_counter() - started
@@ -86,7 +89,10 @@ def main() -> None:
     clpp = results["PatchCoreCL++"]["efficiency"]["gflops"] - backbone_gflops
     mb = {name: r["efficiency"]["memory_mb"] for name, r in results.items()}
     print("\nRatios measured in this run:")
-    print(f"  PatchCoreCL / CL++ scoring GFLOPs (backbone {backbone_gflops:.3f} excluded): {cl:.3f} / {clpp:.3f} = {cl / clpp:.2f}  (T = 5)")
+    print(
+        f"  PatchCoreCL / CL++ scoring GFLOPs (backbone {backbone_gflops:.3f} excluded): "
+        f"{cl:.3f} / {clpp:.3f} = {cl / clpp:.2f}  (T = 5)"
+    )
     print(f"  PaDiM multimodal / unimodal MB: {mb['PaDiM multimodal'] / mb['PaDiM unimodal']:.2f}")
     print(f"  PaDiM lite-multimodal / lite-unimodal MB: {mb['PaDiM lite-multimodal'] / mb['PaDiM lite-unimodal']:.2f}")
     print(f"  PaDiM unimodal / lite-unimodal MB: {mb['PaDiM unimodal'] / mb['PaDiM lite-unimodal']:.2f}")
@@ -97,7 +103,10 @@ def main() -> None:
             {"model": {"name": "padim", "params": {"continual": rule}}}, args.image_size, UNEQUAL
         )
         f = result["final"]
-        print(f"  PaDiM {rule:<9} image F1 {fmt(f['image_f1'])}  pixel F1 {fmt(f['pixel_f1'])}  pixel AUROC {fmt(f['pixel_auroc'])}")
+        print(
+            f"  PaDiM {rule:<9} image F1 {fmt(f['image_f1'])}  pixel F1 {fmt(f['pixel_f1'])}  "
+            f"pixel AUROC {fmt(f['pixel_auroc'])}"
+        )
 
     if args.json:
         with open(args.json, "w") as out:

@@ -25,22 +25,41 @@ from cvad.published import PUBLISHED, PublishedCell  # noqa: E402
 
 # (row prefix, backbone or None for all, figure) -> why cvad's figure differs from the paper's.
 CAUSES: dict[tuple[str, str | None, str], str] = {
-    ("PatchCoreCL ", None, "gflops"): "the paper blurs every task's map with a 2-D 33x33 kernel (1,089 MACs/pixel, x T banks); "
+    (
+        "PatchCoreCL ",
+        None,
+        "gflops",
+    ): "the paper blurs every task's map with a 2-D 33x33 kernel (1,089 MACs/pixel, x T banks); "
     "cvad blurs only the chosen task's map, separably (66 MACs/pixel)",
-    ("PatchCoreCL++", None, "gflops"): "the paper's code runs the backbone twice per image (once to route, once to score) and "
+    (
+        "PatchCoreCL++",
+        None,
+        "gflops",
+    ): "the paper's code runs the backbone twice per image (once to route, once to score) and "
     "blurs with a 2-D 33x33 kernel; cvad routes on the scoring pass and blurs separably",
     ("PaDiM ", None, "gflops"): "the paper inverts each position's covariance at inference (~d^3/3 per position); "
     "cvad stores the whitening factor and pays d^2 per position",
-    ("PaDiM-Lite", None, "memory_mb"): "the paper leaves the backbone out of PaDiM's MB (its multimodal - unimodal rows give "
+    (
+        "PaDiM-Lite",
+        None,
+        "memory_mb",
+    ): "the paper leaves the backbone out of PaDiM's MB (its multimodal - unimodal rows give "
     "the Gaussians alone); cvad counts the backbone the device must store",
-    ("PaSTe", None, "memory_mb"): "the paper's PaSTe model is smaller than one teacher (2.58 < 2.73 MB on MobileNetV2): "
+    (
+        "PaSTe",
+        None,
+        "memory_mb",
+    ): "the paper's PaSTe model is smaller than one teacher (2.58 < 2.73 MB on MobileNetV2): "
     "no teacher + student accounting reproduces it",
     ("PaDiM-Lite", None, "gflops"): "the paper's Lite scoring costs more per task than cvad's elementwise one (its "
     "multimodal - unimodal rows: 7.9 MFLOPs per task on MobileNetV2)",
     ("Dinomaly", None, "memory_mb"): "the paper counts the whole encoder (blocks 10-11 and the ImageNet head "
     "included); cvad stores it through the deepest block the method reads (block 9)",
-    ("Dinomaly", "deit_tiny_patch16_224", "gflops"): "cvad counts attention (QK^T, softmax, AV) in every encoder block; "
-    "the paper's figure fits a count without it",
+    (
+        "Dinomaly",
+        "deit_tiny_patch16_224",
+        "gflops",
+    ): "cvad counts attention (QK^T, softmax, AV) in every encoder block; the paper's figure fits a count without it",
 }
 UNDETERMINED: dict[str, str] = {
     "PaDiM": "the paper's PaDiM MB on MCUNet and PhiNet fits no whole channel count d; the preset takes the nearest",
@@ -72,7 +91,11 @@ def main() -> None:
     cells = sorted((c for c in PUBLISHED if args.only in (None, c.dataset)), key=lambda c: c.dataset)  # MVTec AD first
     started, prices, rows = time.perf_counter(), {}, []
     within = total = 0
-    print(f"{'dataset':<6} {'row':<22} {'backbone':<30} {'GFLOPs paper':>12} {'cvad':>8} {'ratio':>6}   {'MB paper':>9} {'cvad':>8} {'ratio':>6}")
+    print(
+        f"{'dataset':<6} {'row':<22} {'backbone':<30} {'GFLOPs paper':>12} {'cvad':>8} {'ratio':>6}   "
+        f"{'MB paper':>9} {'cvad':>8} {'ratio':>6}"
+    )
+
     def price(cell: PublishedCell, tasks: int) -> dict:
         key = (json.dumps(cell.config, sort_keys=True), cell.backbone, tasks)
         if key not in prices:
@@ -88,10 +111,13 @@ def main() -> None:
             if abs(ratio - 1) <= args.tolerance:
                 within += 1
                 continue
-            fits_at_15 = cell.dataset == "visa" and abs(price(cell, 15)[figure] / getattr(cell, figure) - 1) <= args.tolerance
+            fits_at_15 = (
+                cell.dataset == "visa" and abs(price(cell, 15)[figure] / getattr(cell, figure) - 1) <= args.tolerance
+            )
             notes.append(f"{'GFLOPs' if figure == 'gflops' else 'MB'}: {cause(cell, figure, fits_at_15)}")
         print(
-            f"{cell.dataset:<6} {cell.row:<22} {cell.backbone:<30} {cell.gflops:12.2f} {eff['gflops']:8.2f} {ratios['gflops']:6.3f}"
+            f"{cell.dataset:<6} {cell.row:<22} {cell.backbone:<30} {cell.gflops:12.2f} {eff['gflops']:8.2f} "
+            f"{ratios['gflops']:6.3f}"
             f"   {cell.memory_mb:9.2f} {eff['memory_mb']:8.2f} {ratios['memory_mb']:6.3f}"
         )
         for note in notes:

@@ -39,7 +39,10 @@ def main() -> None:
     cpus = os.cpu_count() or 1
     raw = {
         "sweep": {"name": "overhead", "resources": {"cpus_per_trial": cpus}},
-        "dataset": {"image_size": args.image_size, "builtin": {"categories": ["brick", "grass", "capsule"], "train_per_category": 20}},
+        "dataset": {
+            "image_size": args.image_size,
+            "builtin": {"categories": ["brick", "grass", "capsule"], "train_per_category": 20},
+        },
         "model": {"name": "padim"},
         "measure_latency": False,
         "space": {"seed": list(range(args.trials))},
@@ -60,9 +63,17 @@ def main() -> None:
         ray.shutdown()
     total = sum(own)
     print(f"{args.trials} trials, {args.image_size} px, one at a time on {cpus} CPUs")
-    print(f"  MLflow and Optuna store set-up    {runner.timings['store_setup']:7.1f} s (once per sweep, not counted below)")
-    print(f"  Ray start-up                      {runner.timings['ray_start']:7.1f} s (once per sweep, not counted below)")
-    print(f"  worker warm-up (imports)          {runner.timings['workers_ready']:7.1f} s (once per sweep, not counted below)")
+    print(
+        f"  MLflow and Optuna store set-up    {runner.timings['store_setup']:7.1f} s "
+        "(once per sweep, not counted below)"
+    )
+    print(
+        f"  Ray start-up                      {runner.timings['ray_start']:7.1f} s (once per sweep, not counted below)"
+    )
+    print(
+        f"  worker warm-up (imports)          {runner.timings['workers_ready']:7.1f} s "
+        "(once per sweep, not counted below)"
+    )
     print(f"  sweep wall time after Ray is up   {sweep_seconds:7.1f} s")
     print(f"  sum of the trials' own wall time  {total:7.1f} s (per trial {min(own):.1f}-{max(own):.1f} s)")
     print(f"  overhead                          {sweep_seconds / total - 1:7.1%} (target < 10%)")

@@ -27,8 +27,8 @@ import optuna
 from optuna.trial import TrialState
 
 from cvad.pareto import hypervolume, pareto_front
-from cvad.sweep.spec import SweepSpec
 from cvad.sweep.space import sample
+from cvad.sweep.spec import SweepSpec
 
 BENCH_GRID = {
     "sweep": {
@@ -36,13 +36,30 @@ BENCH_GRID = {
         "objectives": ["maximize pixel_f1", "minimize memory_mb", "minimize gflops"],
         "resources": {"cpus_per_trial": 1},
     },
-    "dataset": {"image_size": 128, "builtin": {"categories": ["brick", "capsule", "hex_nut"], "train_per_category": 20}},
+    "dataset": {
+        "image_size": 128,
+        "builtin": {"categories": ["brick", "capsule", "hex_nut"], "train_per_category": 20},
+    },
     "measure_latency": False,
     "space": {
         "backbone": {"name": ["mobilenetv2_100", "tf_efficientnet_lite0"]},
         "model": [
-            {"name": "padim", "params": {"covariance": ["full", "diagonal"], "continual": ["unimodal", "multimodal"], "n_features": [50, 100]}},
-            {"name": "patchcore", "params": {"continual": ["cl", "cl++"], "bank_size": [500, 2000, 8000], "layers": {"choices": [[8, 16], [4, 8]]}}},
+            {
+                "name": "padim",
+                "params": {
+                    "covariance": ["full", "diagonal"],
+                    "continual": ["unimodal", "multimodal"],
+                    "n_features": [50, 100],
+                },
+            },
+            {
+                "name": "patchcore",
+                "params": {
+                    "continual": ["cl", "cl++"],
+                    "bank_size": [500, 2000, 8000],
+                    "layers": {"choices": [[8, 16], [4, 8]]},
+                },
+            },
         ],
     },
 }
@@ -60,7 +77,9 @@ def to_minimised(values: list[float], directions: list[str], log_scale: list[boo
     return tuple(out)
 
 
-def search(spec: SweepSpec, lookup: dict[str, list[float]], sampler: optuna.samplers.BaseSampler, budget: int) -> list[list[float]]:
+def search(
+    spec: SweepSpec, lookup: dict[str, list[float]], sampler: optuna.samplers.BaseSampler, budget: int
+) -> list[list[float]]:
     """Ask/tell over the space until ``budget`` distinct configurations were evaluated."""
     study = optuna.create_study(directions=spec.directions, sampler=sampler)
     seen: dict[str, list[float]] = {}
@@ -107,11 +126,15 @@ def main() -> None:
     lookup = {key(t.params): t.values for t in complete}
     missing = [p for p in spec.grid_points if key(p) not in lookup]
     if missing:
-        raise SystemExit(f"study {name!r} lacks {len(missing)} of {len(spec.grid_points)} grid points; finish it with --resume first")
+        raise SystemExit(
+            f"study {name!r} lacks {len(missing)} of {len(spec.grid_points)} grid points; finish it with --resume first"
+        )
 
     log_scale = [m in ("memory_mb", "gflops") for m in metrics]
     points = [to_minimised(v, spec.directions, log_scale) for v in lookup.values()]
-    reference = tuple(max(p[i] for p in points) + 0.1 * (max(p[i] for p in points) - min(p[i] for p in points) or 1) for i in range(3))
+    reference = tuple(
+        max(p[i] for p in points) + 0.1 * (max(p[i] for p in points) - min(p[i] for p in points) or 1) for i in range(3)
+    )
     grid_hv = hypervolume(points, reference)
     budget = len(spec.grid_points) // 3
     maximize = [d == "maximize" for d in spec.directions]
@@ -125,9 +148,14 @@ def main() -> None:
         ratios = []
         for seed in range(args.seeds):
             found = search(spec, lookup, make(seed), budget)
-            ratios.append(hypervolume([to_minimised(v, spec.directions, log_scale) for v in found], reference) / grid_hv)
+            ratios.append(
+                hypervolume([to_minimised(v, spec.directions, log_scale) for v in found], reference) / grid_hv
+            )
         spread = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
-        print(f"  {label:8s} hypervolume / grid's: mean {statistics.mean(ratios):.3f} +- {spread:.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+        print(
+            f"  {label:8s} hypervolume / grid's: mean {statistics.mean(ratios):.3f} +- {spread:.3f} "
+            f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 
 def cache_root() -> Path:
-    """Where cvad keeps what it can rebuild (generated data, frozen features): ``$CVAD_CACHE``, else ``~/.cache/cvad``."""
+    """Where cvad keeps what it can rebuild (generated data, frozen features): ``$CVAD_CACHE``,
+    else ``~/.cache/cvad``."""
     base = os.environ.get("CVAD_CACHE")
     return Path(base) if base else Path.home() / ".cache" / "cvad"

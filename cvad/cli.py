@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import get_args
 
 import typer
 import yaml
 
-from cvad.backbones.weights import RandomWeightsWarning, WeightsError
-from cvad.config import ConfigError, load_config
-from cvad.data.base import DatasetError
-from cvad.models.components.training import TrainingDivergedError
+from cvad.metrics import DETECTION_METRICS
+from cvad.progress import DataReady, Progress, TaskEvaluated, TrainPass, TrainStarted
 from cvad.registry import UnknownNameError
+from cvad.tracking import DEFAULT_STORE, resolve_tracking_uri
+
+# Module-level imports stay light (no torch, timm, Ray, Optuna or models): `cvad --help` and
+# `cvad recommend` must start at once; each command imports what it needs (tests/test_cli_startup.py).
 
 cli = typer.Typer(
     help="cvad: choose an anomaly detector for an edge camera that keeps learning.",
@@ -26,7 +29,15 @@ cli = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-USER_ERRORS = (ConfigError, DatasetError, WeightsError, UnknownNameError, FileNotFoundError, TrainingDivergedError)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What a command reports in one line, without a traceback (their modules import torch: called on failure only)."""
+    from cvad.backbones.weights import WeightsError
+    from cvad.config import ConfigError
+    from cvad.data.base import DatasetError
+    from cvad.models.components.training import TrainingDivergedError
+
+    return (ConfigError, DatasetError, WeightsError, UnknownNameError, FileNotFoundError, TrainingDivergedError)
 
 
 def fail(message: str) -> None:
@@ -39,38 +50,37 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 class ProgressPrinter:
-    """Prints one line per training step and evaluation, with elapsed time."""
+    """Prints one line per training step, training pass and evaluation, with elapsed time."""
 
-    def __init__(self, total_tasks: int | None = None) -> None:
+    def __init__(self) -> None:
         self.started = time.perf_counter()
-        self.total = total_tasks
 
     def elapsed(self) -> str:
         return f"{time.perf_counter() - self.started:7.1f}s"
 
-    def __call__(self, event: str, info: dict) -> None:
-        if event == "data":
-            typer.echo(f"[{self.elapsed()}] {info['message']}")
-        elif event == "train_start":
-            typer.echo(f"[{self.elapsed()}] step {info['step'] + 1}: training on {info['task']} ({info['images']} images)")
-        elif event == "train_epoch":
-            typer.echo(f"[{self.elapsed()}]   epoch {info['epoch']}/{info['epochs']}  loss {info['loss']:.4f}")
-        elif event == "evaluated":
-            m = info["metrics"]
-            typer.echo(
-                f"[{self.elapsed()}]   eval {info['task']:<16} image F1 {fmt(m['image_f1'])}  AUROC {fmt(m['image_auroc'])}"
-                f"  | pixel F1 {fmt(m['pixel_f1'])}  AUROC {fmt(m['pixel_auroc'])}"
-            )
+    def __call__(self, event: Progress) -> None:
+        match event:
+            case DataReady(message=message):
+                typer.echo(f"[{self.elapsed()}] {message}")
+            case TrainStarted(step=step, task=task, images=images):
+                typer.echo(f"[{self.elapsed()}] step {step + 1}: training on {task} ({images} images)")
+            case TrainPass(number=number, passes=passes, loss=loss):
+                typer.echo(f"[{self.elapsed()}]   epoch {number}/{passes}  loss {loss:.4f}")
+            case TaskEvaluated(task=task, metrics=m):
+                typer.echo(
+                    f"[{self.elapsed()}]   eval {task:<16} image F1 {fmt(m['image_f1'])}  AUROC {fmt(m['image_auroc'])}"
+                    f"  | pixel F1 {fmt(m['pixel_f1'])}  AUROC {fmt(m['pixel_auroc'])}"
+                )
 
 
 def print_summary(result: dict) -> None:
     tasks = result["tasks"]
     width = max(8, max(len(t) for t in tasks) + 1)
     typer.echo("\nPixel F1 after each step (rows) on each task (columns):")
-    typer.echo(" " * width + "".join(f"{t[:width - 1]:>{width}}" for t in tasks))
+    typer.echo(" " * width + "".join(f"{t[: width - 1]:>{width}}" for t in tasks))
     for t, row in zip(tasks, result["matrices"]["pixel_f1"]):
         if any(v is not None for v in row):
-            typer.echo(f"{t[:width - 1]:<{width}}" + "".join(f"{fmt(v):>{width}}" for v in row))
+            typer.echo(f"{t[: width - 1]:<{width}}" + "".join(f"{fmt(v):>{width}}" for v in row))
     final, eff, w = result["final"], result["efficiency"], result["weights"]
     typer.echo("\nFinal (average over all tasks after the last step):")
     typer.echo(f"  image F1 {fmt(final['image_f1'])}   image ROC-AUC {fmt(final['image_auroc'])}")
@@ -86,7 +96,10 @@ def print_summary(result: dict) -> None:
             f"IQR {eff['latency_iqr_ms']:.1f} ms) on {eff['latency_device']}{noisy}"
         )
     if not w["pretrained"]:
-        typer.secho("  WEIGHTS: RANDOM (untrained backbone) - these figures do not reflect a pretrained model", fg=typer.colors.RED)
+        typer.secho(
+            "  WEIGHTS: RANDOM (untrained backbone) - these figures do not reflect a pretrained model",
+            fg=typer.colors.RED,
+        )
     else:
         typer.echo(f"  weights: {w['source']}")
 
@@ -102,25 +115,29 @@ def print_efficiency(eff: dict) -> None:
 @cli.command()
 def run(
     config: Path = typer.Argument(..., help="experiment YAML (see configs/)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default runs/<config>-<time>)"),
-    overrides: list[str] = typer.Option([], "--set", help="override a config value: --set dataset.image_size=128 (repeatable)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="output folder (default runs/<config>-<time>)"),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="override a config value: --set dataset.image_size=128 (repeatable)"
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a result.json already in the output folder"),
 ) -> None:
     """Run one continual experiment and write DIR/result.json.
 
     Example: cvad run configs/quickstart.yaml --set strategy.name=replay strategy.replay_size=40
     """
-    from cvad.trial import run_trial  # heavy imports only when running
+    from cvad.backbones.weights import RandomWeightsWarning
+    from cvad.config import load_config
+    from cvad.trial import RECORD_FILE, RecordWriteError, run_trial, write_atomic  # heavy imports only when running
 
     try:
         cfg = load_config(config, overrides)
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         fail(str(exc))
-    out = out or Path("runs") / f"{config.stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    if (out / "result.json").exists() and not overwrite:
-        fail(f"{out / 'result.json'} already holds a result; choose another --out or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    out = out or DEFAULT_STORE / f"{config.stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    replacing = prepare_output(out, overwrite)
+    config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if not replacing:  # beside an earlier result, the new config waits for the new record
+        write_atomic(out / "config.yaml", config_text)
     typer.echo(
         f"cvad run: {cfg.model.name} on {cfg.backbone.name} ({cfg.backbone.weights}), strategy {cfg.strategy.name}, "
         f"dataset {cfg.dataset.name}, seed {cfg.seed} -> {out}"
@@ -129,21 +146,44 @@ def run(
         warnings.simplefilter("always", RandomWeightsWarning)
         try:
             result = run_trial(cfg, progress=ProgressPrinter(), output_dir=out)
-        except USER_ERRORS as exc:
+        except (*user_errors(), RecordWriteError) as exc:
             fail(str(exc))
     for warning in caught:
         if issubclass(warning.category, RandomWeightsWarning):
             typer.secho(f"WARNING: {warning.message}", fg=typer.colors.RED, err=True)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+    if replacing:
+        write_atomic(out / "config.yaml", config_text)
     print_summary(result)
-    typer.echo(f"\nwrote {out / 'result.json'}")
+    for warning in result["warnings"]:
+        typer.secho(f"WARNING: {warning}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"\nwrote {out / RECORD_FILE}")
+
+
+def prepare_output(out: Path, overwrite: bool) -> bool:
+    """Refuse an output folder that cannot take the result before any work starts; True when a result is replaced."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a folder (it is created if missing)")
+    replacing = (out / "result.json").exists()
+    if replacing and not overwrite:
+        fail(f"{out / 'result.json'} already holds a result; choose another --out or pass --overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        fail(f"cannot write into --out {out} ({exc.strerror or exc}); choose a folder you can write to")
+    return replacing
 
 
 @cli.command()
 def cost(
     config: Path = typer.Argument(..., help="experiment YAML, as for cvad run"),
-    tasks: Optional[int] = typer.Option(None, "--tasks", min=1, help="price the state after N tasks (default: the config's task count)"),
-    overrides: list[str] = typer.Option([], "--set", help="override a config value: --set model.params.bank_size=30000"),
+    tasks: int | None = typer.Option(
+        None, "--tasks", min=1, help="price the state after N tasks (default: the config's task count)"
+    ),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="override a config value: --set model.params.bank_size=30000"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the efficiency record as JSON"),
 ) -> None:
     """Memory by part and GFLOPs of a configuration after N tasks, without data or training.
@@ -153,31 +193,52 @@ def cost(
 
     Example: cvad cost configs/quickstart.yaml --tasks 30 --set strategy.name=finetune
     """
+    from cvad.config import load_config
     from cvad.cost import price_config
 
     try:
         cfg = load_config(config, overrides)
         eff = price_config(cfg, tasks)
-    except (*USER_ERRORS, ValueError) as exc:
+    except (*user_errors(), ValueError) as exc:
         fail(str(exc))
     if as_json:
         typer.echo(json.dumps(eff, indent=1))
         return
-    typer.echo(f"{cfg.model.name} on {cfg.backbone.name} at {cfg.dataset.image_size} px, strategy {cfg.strategy.name}, after {eff['tasks']} task(s):")
+    typer.echo(
+        f"{cfg.model.name} on {cfg.backbone.name} at {cfg.dataset.image_size} px, strategy {cfg.strategy.name}, "
+        f"after {eff['tasks']} task(s):"
+    )
     print_efficiency(eff)
 
 
 @cli.command()
 def sweep(
     file: Path = typer.Argument(..., help="sweep YAML (see sweeps/)"),
-    overrides: list[str] = typer.Option([], "--set", help="override a value of the sweep file: --set dataset.name=mvtec dataset.root=/data/mvtec"),
-    n_trials: Optional[int] = typer.Option(None, "--n-trials", min=1, help="finished trials the sweep should reach (default: the file's, or the whole grid)"),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="override a value of the sweep file: --set dataset.name=mvtec dataset.root=/data/mvtec"
+    ),
+    n_trials: int | None = typer.Option(
+        None,
+        "--n-trials",
+        min=1,
+        help="finished trials the sweep should reach (default: the file's, or the whole grid)",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the trials a grid would run (or the space) and exit"),
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted sweep: finished trials are not run again"),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in --store)"),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: CVAD_STUDY_STORAGE, else sqlite in --store)"),
-    store: Path = typer.Option(Path("runs"), "--store", help="folder of the local MLflow and Optuna databases and artifacts"),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue an interrupted sweep: finished trials are not run again"
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
+    ),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in --store)"
+    ),
+    storage: str | None = typer.Option(
+        None, "--storage", help="Optuna storage URL (default: CVAD_STUDY_STORAGE, else sqlite in --store)"
+    ),
+    store: Path = typer.Option(
+        DEFAULT_STORE, "--store", help="folder of the local MLflow and Optuna databases and artifacts"
+    ),
 ) -> None:
     """Search a space of configurations: Optuna samples, Ray runs each trial, MLflow records it.
 
@@ -187,7 +248,7 @@ def sweep(
 
     try:
         spec = load_sweep(file, overrides)
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         fail(str(exc))
     if dry_run:
         print_sweep_plan(spec, n_trials)
@@ -196,10 +257,12 @@ def sweep(
     from cvad.tracking import TrackingError
 
     store.mkdir(parents=True, exist_ok=True)
-    options = SweepOptions(store_dir=store, tracking_uri=tracking_uri, storage=storage, address=address, resume=resume, n_trials=n_trials)
+    options = SweepOptions(
+        store_dir=store, tracking_uri=tracking_uri, storage=storage, address=address, resume=resume, n_trials=n_trials
+    )
     try:
         outcome = SweepRunner(spec, options, printer=typer.echo).run()
-    except (SweepError, TrackingError, *USER_ERRORS) as exc:
+    except (SweepError, TrackingError, *user_errors()) as exc:
         fail(str(exc))
     typer.echo(
         f"\nsweep {outcome.study_name}: {outcome.completed} trial(s) completed, {outcome.failed} failed, "
@@ -212,6 +275,14 @@ def sweep(
     typer.echo(f"browse the runs: mlflow ui --backend-store-uri {uri}")
     if outcome.interrupted:
         raise typer.Exit(130)
+    failures = outcome.failure_summary()
+    if outcome.all_failed:  # no result to choose from: a failure, not a finished sweep
+        typer.secho(
+            f"error: {failures}\nthe runs in MLflow hold each trial's full error", fg=typer.colors.RED, err=True
+        )
+        raise typer.Exit(1)
+    if failures:
+        typer.secho(f"warning: {failures}", fg=typer.colors.YELLOW, err=True)
 
 
 def print_sweep_plan(spec, n_trials: int | None) -> None:
@@ -257,62 +328,94 @@ def describe_space(node, indent: str = "") -> list[str]:
     return []
 
 
-def default_tracking_uri_for(store: Path) -> str:
-    import os
-
-    from cvad.tracking import default_tracking_uri
-
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(store)
-
-
 @cli.command()
 def recommend(
-    max_mb: Optional[float] = typer.Option(
+    max_mb: float | None = typer.Option(
         None, "--max-mb", help="memory budget in MB of 2^20 bytes (model + stored state + replay buffer)"
     ),
-    max_gflops: Optional[float] = typer.Option(
+    max_gflops: float | None = typer.Option(
         None, "--max-gflops", help="compute budget in GFLOPs per image (2 x multiply-adds)"
     ),
-    min_image_f1: Optional[float] = typer.Option(None, "--min-image-f1", help="keep only trials with at least this image F1"),
-    metric: str = typer.Option("pixel_f1", "--metric", help="quality to maximise: pixel_f1, image_f1, pixel_auroc, image_auroc"),
-    experiment: list[str] = typer.Option([], "--experiment", help="sweep (MLflow experiment) to read; repeatable; default all"),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)"),
-    store: Path = typer.Option(Path("runs"), "--store", help="folder of the local MLflow store"),
+    min_image_f1: float | None = typer.Option(
+        None, "--min-image-f1", help="keep only trials with at least this image F1"
+    ),
+    metric: str = typer.Option("pixel_f1", "--metric", help=f"quality to maximise: {', '.join(DETECTION_METRICS)}"),
+    experiment: list[str] = typer.Option(
+        [], "--experiment", help="sweep (MLflow experiment) to read; repeatable; default all"
+    ),
+    stream: int | None = typer.Option(
+        None,
+        "--stream",
+        min=1,
+        help="rank only task stream N (a dataset and its ordered task list), numbered as listed when the trials span "
+        "several; default: each stream ranked on its own",
+    ),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)"
+    ),
+    store: Path = typer.Option(DEFAULT_STORE, "--store", help="folder of the local MLflow store"),
     as_json: bool = typer.Option(False, "--json", help="print the recommendation as JSON"),
-    tasks: Optional[int] = typer.Option(
-        None, "--tasks", min=1,
+    tasks: int | None = typer.Option(
+        None,
+        "--tasks",
+        min=1,
         help="project each trial's memory and GFLOPs to N tasks, e.g. 'best under 20 MB after 30 products'",
     ),
 ) -> None:
     """The Pareto-optimal trials that fit a budget, best first: what to deploy.
 
+    Trials of different task streams (dataset and ordered task list) are never ranked together: each gets its own.
+
     Example: cvad recommend --max-mb 20 --max-gflops 1 --tasks 30
     """
-    from cvad.selection import Budget, SelectionError, load_trials, project_to_tasks
+    from cvad.selection import Budget, SelectionError, load_trials, of_stream, project_to_tasks, streams
     from cvad.selection import recommend as select
     from cvad.tracking import TrackingError
 
-    uri = tracking_uri or default_tracking_uri_for(store)
+    uri = resolve_tracking_uri(tracking_uri, store)
     try:
         trials = load_trials(uri, experiment or None)
+        found = streams(trials)
+        if stream is not None and stream > len(found):
+            listed = "; ".join(f"{n}. {s.describe()}" for n, s in enumerate(found, 1))
+            fail(f"--stream {stream}: these trials ran on {len(found)} task stream(s), choose one of: {listed}")
+        chosen = list(enumerate(found, 1)) if stream is None else [(stream, found[stream - 1])]
         if tasks is not None:
             trials = project_to_tasks(trials, tasks)
             for _, row in trials[trials["projection_error"].notna()].iterrows():
                 typer.echo(f"{row['sweep']} trial {row['trial']} kept as measured: {row['projection_error']}", err=True)
-        rec = select(trials, metric, Budget(max_mb, max_gflops, min_image_f1))
+        budget = Budget(max_mb, max_gflops, min_image_f1)
+        recs = [(n, select(of_stream(trials, s), metric, budget)) for n, s in chosen]
     except (SelectionError, TrackingError) as exc:
         fail(str(exc))
-    summary = rec.summary() + (f" (MB and GFLOPs projected to {tasks} tasks)" if tasks is not None else "")
+    projected = f" (MB and GFLOPs projected to {tasks} tasks)" if tasks is not None else ""
     if as_json:
-        answer = {"summary": summary, "metric": metric, "projected_tasks": tasks, "excluded": rec.excluded}
-        typer.echo(json.dumps(answer | {"picks": rec.as_records()}, indent=1))
+        answers = [
+            {"summary": rec.summary() + projected, "metric": metric, "projected_tasks": tasks, "excluded": rec.excluded}
+            | {"stream": rec.stream.as_record() | {"number": n}, "picks": rec.as_records()}
+            for n, rec in recs
+        ]  # one stream: its answer; several: one answer each
+        several = {"metric": metric, "projected_tasks": tasks, "streams": answers}
+        typer.echo(json.dumps(answers[0] if len(answers) == 1 else several, indent=1))
         return
-    typer.echo(summary)
+    if len(recs) > 1:
+        typer.echo(f"these trials ran on {len(recs)} task streams, each ranked on its own (rank one only: --stream N)")
+    for n, rec in recs:
+        if len(recs) > 1:
+            typer.echo(f"\nstream {n}: {rec.stream.describe()}, {len(of_stream(trials, rec.stream))} trial(s)")
+        print_recommendation(rec, projected, tasks is not None)
+
+
+def print_recommendation(rec, projected: str, projecting: bool) -> None:
+    """One recommendation (a ``cvad.selection.Recommendation``): the summary, the picks with why, what was left out."""
+    metric = rec.metric
+    typer.echo(rec.summary() + projected)
     for rank, row in rec.picks.iterrows():
         weights = "" if row["pretrained"] else "  [random weights]"
-        measured = "  [as measured: not projected]" if tasks is not None and row["projection_error"] else ""
+        measured = "  [as measured: not projected]" if projecting and row["projection_error"] else ""
         typer.echo(
-            f"  {rank + 1}. {row['name']:<48} {metric} {row[metric]:.3f}  {row['memory_mb']:8.2f} MB  {row['gflops']:6.3f} GFLOPs"
+            f"  {rank + 1}. {row['name']:<48} {metric} {row[metric]:.3f}  {row['memory_mb']:8.2f} MB  "
+            f"{row['gflops']:6.3f} GFLOPs"
             f"  ({row['sweep']} trial {row['trial']}){weights}{measured}\n       {row['why']}"
         )
     left_out = ", ".join(f"{n} {reason}" for reason, n in rec.excluded.items() if n)
@@ -322,8 +425,10 @@ def recommend(
 
 @cli.command()
 def dashboard(
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)"),
-    store: Path = typer.Option(Path("runs"), "--store", help="folder of the local MLflow store"),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)"
+    ),
+    store: Path = typer.Option(DEFAULT_STORE, "--store", help="folder of the local MLflow store"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (0.0.0.0 exposes it to the network)"),
     port: int = typer.Option(8501, "--port"),
 ) -> None:
@@ -333,7 +438,7 @@ def dashboard(
     app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
     if not app.is_file():
         fail(f"the dashboard app is missing ({app}); install cvad from its repository (pip install -e .)")
-    uri = tracking_uri or default_tracking_uri_for(store)
+    uri = resolve_tracking_uri(tracking_uri, store)
     command = [
         sys.executable, "-m", "streamlit", "run", str(app), "--server.address", host, "--server.port", str(port),
         "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--tracking-uri", uri,
@@ -344,10 +449,13 @@ def dashboard(
 
 @cli.command("list")
 def list_choices(
-    taps_of: Optional[str] = typer.Option(None, "--taps", metavar="BACKBONE", help="list the blocks a method can tap: name, channels, stride"),
+    taps_of: str | None = typer.Option(
+        None, "--taps", metavar="BACKBONE", help="list the blocks a method can tap: name, channels, stride"
+    ),
 ) -> None:
     """List the registered models, backbones and datasets (or one backbone's feature taps)."""
     from cvad.backbones import BACKBONES, taps
+    from cvad.config import DatasetConfig
     from cvad.models import METHODS
 
     if taps_of is not None:
@@ -366,7 +474,7 @@ def list_choices(
         defaults = METHODS.get(name).Params().model_dump(mode="json")
         typer.echo(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in defaults.items()))
     typer.echo("backbones: " + ", ".join(BACKBONES.names()))
-    typer.echo("datasets:  builtin, mvtec, visa, folder")
+    typer.echo("datasets:  " + ", ".join(get_args(DatasetConfig.model_fields["name"].annotation)))
 
 
 def expand_set_values(argv: list[str]) -> list[str]:

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cvad.backbones import BACKBONES
 from cvad.data.builtin import BuiltinOptions
-from cvad.models import METHODS
+from cvad.data.presets import TASK_PRESETS
+from cvad.models import METHODS, Setup, SetupError
 
 
 class ConfigError(ValueError):
@@ -38,19 +39,37 @@ class DatasetConfig(StrictModel):
         4, ge=1, description="images scored at once; on CPUs a few at a time run fastest (inference is memory-bound)"
     )
     builtin: BuiltinOptions = Field(default_factory=BuiltinOptions)
-    cache_dir: Path | None = Field(None, description="folder for generated built-in datasets (default $CVAD_CACHE/builtin or ~/.cache/cvad/builtin)")
+    cache_dir: Path | None = Field(
+        None,
+        description="folder for generated built-in datasets (default $CVAD_CACHE/builtin or ~/.cache/cvad/builtin)",
+    )
 
     @model_validator(mode="after")
-    def root_matches_name(self) -> "DatasetConfig":
+    def root_matches_name(self) -> DatasetConfig:
         if self.name != "builtin" and self.root is None:
-            raise ValueError(f"dataset.root is required for dataset '{self.name}': give the folder that holds its categories")
+            raise ValueError(
+                f"dataset.root is required for dataset '{self.name}': give the folder that holds its categories"
+            )
         if self.name == "builtin" and self.root is not None:
-            raise ValueError("dataset.root is not used by the built-in dataset; use dataset.cache_dir to move its cache")
+            raise ValueError(
+                "dataset.root is not used by the built-in dataset; use dataset.cache_dir to move its cache"
+            )
         if isinstance(self.tasks, list) and len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"dataset.tasks lists a category twice: {self.tasks}")
         if isinstance(self.tasks, list) and not self.tasks:
             raise ValueError("dataset.tasks is empty; list at least one category or use 'all'")
         return self
+
+    def declared_task_count(self) -> int | None:
+        """Tasks the config itself fixes (a list, a preset, the built-in set); None where 'all' means a
+        folder's categories."""
+        if isinstance(self.tasks, list):
+            return len(self.tasks)
+        if self.tasks in TASK_PRESETS:
+            return len(TASK_PRESETS[self.tasks])
+        if self.name == "builtin":
+            return len(self.builtin.categories)
+        return None
 
 
 class BackboneConfig(StrictModel):
@@ -85,7 +104,7 @@ class StrategyConfig(StrictModel):
     replay_size: int | None = Field(None, ge=1, description="images in the replay buffer (replay only)")
 
     @model_validator(mode="after")
-    def replay_size_only_for_replay(self) -> "StrategyConfig":
+    def replay_size_only_for_replay(self) -> StrategyConfig:
         if self.name == "replay" and self.replay_size is None:
             raise ValueError("strategy 'replay' needs strategy.replay_size (e.g. 40 or 100 images)")
         if self.name != "replay" and self.replay_size is not None:
@@ -106,6 +125,16 @@ class RunConfig(StrictModel):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+    def setup(self, weights: str | None = None, tasks: int | None = None) -> Setup:
+        """What the method is built from besides its parameters; ``tasks`` defaults to the count the config declares."""
+        return Setup(
+            backbone=self.backbone.name,
+            weights=self.backbone.weights if weights is None else weights,
+            image_size=self.dataset.image_size,
+            seed=self.seed,
+            tasks=self.dataset.declared_task_count() if tasks is None else tasks,
+        )
 
 
 def describe_errors(error: ValidationError, root: type[BaseModel], prefix: str = "") -> list[str]:
@@ -147,20 +176,31 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
-        node = result
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            node[part] = dict(child) if isinstance(child, dict) else {}
-            node = node[part]
-        node[parts[-1]] = value
+        set_path(result, key.strip(), value)
     return result
+
+
+def set_path(config: dict, path: str, value: Any) -> None:
+    """Set the dotted key ``path`` ("model.params.bank_size") of a nested config to ``value``.
+
+    ``config`` itself changes; each section on the way is copied first (so a dict it shares with
+    another config stays as it was), or created where it is missing or not a mapping.
+    """
+    node = config
+    parts = path.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[parts[-1]] = value
 
 
 def validate_config(raw: dict) -> RunConfig:
     """A RunConfig with the method's parameters validated and their defaults filled in."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"a config must be a mapping of sections (dataset, backbone, model, strategy...), got {type(raw).__name__}")
+        raise ConfigError(
+            f"a config must be a mapping of sections (dataset, backbone, model, strategy...), got {type(raw).__name__}"
+        )
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -177,6 +217,12 @@ def validate_config(raw: dict) -> RunConfig:
     except ValidationError as exc:
         lines = describe_errors(exc, method.Params, prefix="model.params")
         raise ConfigError(f"invalid config for model {method.name}:\n  " + "\n  ".join(lines)) from None
+    try:
+        method.check_setup(params, config.setup())
+    except SetupError as exc:
+        raise ConfigError(
+            f"invalid config for model {method.name} on backbone {config.backbone.name}:\n  {exc}"
+        ) from None
     model = config.model.model_copy(update={"params": params.model_dump(mode="json")})
     return config.model_copy(update={"model": model})
 

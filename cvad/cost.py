@@ -17,7 +17,6 @@ import torch
 
 from cvad.backbones.weights import RandomWeightsWarning
 from cvad.config import DatasetConfig, RunConfig
-from cvad.data.presets import TASK_PRESETS
 from cvad.efficiency import count_gflops, memory_footprint
 from cvad.models import AnomalyModel, build_model
 
@@ -42,13 +41,11 @@ def measure_efficiency(model: AnomalyModel, image_size: int, device: str, replay
 
 
 def task_count(dataset: DatasetConfig) -> int:
-    """How many tasks a dataset config streams, from the config alone where it says (a list, a preset, the built-in set)."""
-    if isinstance(dataset.tasks, list):
-        return len(dataset.tasks)
-    if dataset.tasks in TASK_PRESETS:
-        return len(TASK_PRESETS[dataset.tasks])
-    if dataset.name == "builtin":
-        return len(dataset.builtin.categories)
+    """How many tasks a dataset config streams, from the config alone where it says (a list, a preset,
+    the built-in set)."""
+    declared = dataset.declared_task_count()
+    if declared is not None:
+        return declared
     if dataset.root is None or not dataset.root.is_dir():
         raise ValueError(
             f"dataset.tasks is 'all' and the folder {dataset.root} is not here to count its categories; "
@@ -72,9 +69,7 @@ def price_config(config: RunConfig, tasks: int | None = None) -> dict:
     size = config.dataset.image_size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        model = build_model(
-            config.model.name, config.model.params, backbone=config.backbone.name, weights="random", image_size=size, seed=config.seed
-        )
+        model = build_model(config.model.name, config.model.params, config.setup(weights="random", tasks=tasks))
     model.eval()
     model.shape_as_fitted(tasks)
     replay = None

@@ -69,9 +69,9 @@ Memory
 ------
 ``memory_footprint`` adds ``numel * element_size`` of the real tensors a model stores,
 in MB = 2^20 bytes (the paper's unit: its replay-100 and replay-40 rows differ by
-60 x 150,528 B / 2^20 = 8.61 MB); the byte counts are kept. Storage is counted once: a tensor listed in two parts (a teacher's
-layers shared with the student) counts in the first part only, and views count the
-storage bytes they actually cover, once.
+60 x 150,528 B / 2^20 = 8.61 MB); the byte counts are kept. Storage is counted once: a
+tensor listed in two parts (a teacher's layers shared with the student) counts in the
+first part only, and views count the storage bytes they actually cover, once.
 
 Latency
 -------
@@ -87,9 +87,10 @@ import math
 import statistics
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -276,20 +277,102 @@ def _cosine_similarity(inputs: list[Any], outputs: list[Any]) -> float:
 
 _ELEMENTWISE = [
     # arithmetic
-    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "neg_",
-    "abs", "abs_", "reciprocal", "reciprocal_", "pow", "pow_", "square", "outer",
-    "remainder", "fmod", "floor_divide", "floor", "ceil", "round", "trunc", "frac", "sign",
+    "add",
+    "add_",
+    "sub",
+    "sub_",
+    "rsub",
+    "mul",
+    "mul_",
+    "div",
+    "div_",
+    "neg",
+    "neg_",
+    "abs",
+    "abs_",
+    "reciprocal",
+    "reciprocal_",
+    "pow",
+    "pow_",
+    "square",
+    "outer",
+    "remainder",
+    "fmod",
+    "floor_divide",
+    "floor",
+    "ceil",
+    "round",
+    "trunc",
+    "frac",
+    "sign",
     # transcendental functions
-    "sqrt", "sqrt_", "rsqrt", "rsqrt_", "exp", "exp_", "exp2", "expm1", "log", "log_",
-    "log2", "log10", "log1p", "erf", "sin", "cos",
+    "sqrt",
+    "sqrt_",
+    "rsqrt",
+    "rsqrt_",
+    "exp",
+    "exp_",
+    "exp2",
+    "expm1",
+    "log",
+    "log_",
+    "log2",
+    "log10",
+    "log1p",
+    "erf",
+    "sin",
+    "cos",
     # activations
-    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "elu",
-    "elu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_",
-    "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "mish", "softplus", "prelu",
+    "relu",
+    "relu_",
+    "relu6",
+    "hardtanh",
+    "hardtanh_",
+    "leaky_relu",
+    "leaky_relu_",
+    "elu",
+    "elu_",
+    "gelu",
+    "gelu_",
+    "silu",
+    "silu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "hardswish",
+    "hardswish_",
+    "hardsigmoid",
+    "hardsigmoid_",
+    "mish",
+    "softplus",
+    "prelu",
     # clamps and comparisons
-    "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "maximum",
-    "minimum", "fmax", "fmin", "eq", "ne", "lt", "le", "gt", "ge", "isnan", "nan_to_num",
-    "logical_and", "logical_or", "logical_xor", "logical_not", "bitwise_not", "__and__", "__or__",
+    "clamp",
+    "clamp_",
+    "clamp_min",
+    "clamp_min_",
+    "clamp_max",
+    "clamp_max_",
+    "maximum",
+    "minimum",
+    "fmax",
+    "fmin",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "isnan",
+    "nan_to_num",
+    "logical_and",
+    "logical_or",
+    "logical_xor",
+    "logical_not",
+    "bitwise_not",
+    "__and__",
+    "__or__",
 ]
 _REDUCTIONS = [
     "sum", "mean", "prod", "nansum", "nanmean", "amax", "amin", "max", "min", "aminmax",
@@ -411,7 +494,9 @@ def _probe_image(image_size: int, channels: int, device: torch.device) -> torch.
     return torch.rand((1, channels, image_size, image_size), generator=generator).to(device)
 
 
-def count_gflops(model: nn.Module, image_size: int, *, channels: int = 3, device: str | torch.device = "cpu") -> FlopReport:
+def count_gflops(
+    model: nn.Module, image_size: int, *, channels: int = 3, device: str | torch.device = "cpu"
+) -> FlopReport:
     """GFLOPs of ``model.forward`` for one image of ``image_size`` px (see the module docstring)."""
     device = torch.device(device)
     _check_model_device(model, device)
@@ -467,15 +552,21 @@ def memory_footprint(parts: dict[str, list[torch.Tensor]]) -> MemoryReport:
     bytes_by_part: dict[str, int] = {}
     for part, tensors in parts.items():
         if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
-            raise TypeError(f"part {part!r} must be a list of tensors, got {type(tensors).__name__}; wrap it as [tensor]")
+            raise TypeError(
+                f"part {part!r} must be a list of tensors, got {type(tensors).__name__}; wrap it as [tensor]"
+            )
         new_bytes = 0
         for index, tensor in enumerate(tensors):
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"part {part!r}, item {index}: expected a tensor, got {type(tensor).__name__}")
             if tensor.layout != torch.strided:
-                raise TypeError(f"part {part!r}, item {index}: only dense tensors are counted, got layout {tensor.layout}")
+                raise TypeError(
+                    f"part {part!r}, item {index}: only dense tensors are counted, got layout {tensor.layout}"
+                )
             if tensor.device.type == "meta":
-                raise ValueError(f"part {part!r}, item {index}: a meta tensor has no data to count; pass the real tensor")
+                raise ValueError(
+                    f"part {part!r}, item {index}: a meta tensor has no data to count; pass the real tensor"
+                )
             if tensor.numel() == 0:
                 continue
             size = tensor.element_size()
@@ -506,7 +597,12 @@ class LatencyReport:
         return self.iqr_ms > NOISY_SPREAD * self.median_ms
 
     def as_record(self) -> dict:
-        return {"latency_ms": self.median_ms, "latency_iqr_ms": self.iqr_ms, "latency_runs": self.runs, "latency_noisy": self.noisy}
+        return {
+            "latency_ms": self.median_ms,
+            "latency_iqr_ms": self.iqr_ms,
+            "latency_runs": self.runs,
+            "latency_noisy": self.noisy,
+        }
 
 
 def measure_latency(

@@ -1,4 +1,4 @@
-"""Detection metrics (F1-max, ROC-AUC) and the continual summaries (final average, forgetting).
+"""Detection metrics (F1-max, ROC-AUC), their names, and the continual summaries (final average, forgetting).
 
 Exact computation never sorts (score, label) pairs together. Scores are split by label,
 each class is sorted on its own (a value-only sort, much faster than an argsort), and
@@ -19,15 +19,39 @@ Searches run over chunks of positives, so no temporary is ever as large as the i
 
 from __future__ import annotations
 
-from typing import Literal
+import sys
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is not imported here: the metric names and summaries serve `cvad recommend` and the dashboard
+    import torch
+
+    ArrayLike = torch.Tensor | np.ndarray
+
+# What one evaluation of one task yields: the entries of the task x task matrices R[t][j].
+DETECTION_METRICS = ("image_f1", "image_auroc", "pixel_f1", "pixel_auroc")
+# Every matrix a run records; routing_accuracy only for methods that pick each image's task themselves.
+METRICS = (*DETECTION_METRICS, "routing_accuracy")
+# forgetting(R) of these matrices, kept in the result record's "final" as forgetting_<metric>.
+FORGETTING_OF = ("pixel_f1", "image_f1")
+FORGETTING_METRICS = tuple(f"forgetting_{metric}" for metric in FORGETTING_OF)
+METRIC_LABELS = {
+    "image_f1": "image F1",
+    "image_auroc": "image ROC-AUC",
+    "pixel_f1": "pixel F1",
+    "pixel_auroc": "pixel ROC-AUC",
+    "routing_accuracy": "routing accuracy",
+}
 
 # Positives processed per binary-search chunk: bounds compute()'s temporaries to ~40 MB.
 _SEARCH_CHUNK = 1 << 20
 
-ArrayLike = torch.Tensor | np.ndarray
+
+def _is_tensor(value: object) -> bool:
+    """A torch tensor (one can only exist once torch is imported, so this never imports it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 # ----------------------------------------------------------------------------------
@@ -41,7 +65,9 @@ def _scores_to_numpy(scores: ArrayLike | list, where: str, dtype: np.dtype | Non
     ``dtype=None`` keeps float32/float64 as given (other types become float32 if they are
     half precision, float64 otherwise); a dtype forces it.
     """
-    if isinstance(scores, torch.Tensor):
+    if _is_tensor(scores):
+        import torch
+
         scores = scores.detach()
         if scores.dtype in (torch.float16, torch.bfloat16):
             scores = scores.float()
@@ -51,8 +77,10 @@ def _scores_to_numpy(scores: ArrayLike | list, where: str, dtype: np.dtype | Non
     if array.dtype.kind not in "fiub":
         raise ValueError(f"{where}: scores must be numeric, got dtype {array.dtype}.")
     if dtype is None:
-        dtype = array.dtype if array.dtype in (np.float32, np.float64) else (
-            np.float32 if array.dtype == np.float16 else np.float64
+        dtype = (
+            array.dtype
+            if array.dtype in (np.float32, np.float64)
+            else (np.float32 if array.dtype == np.float16 else np.float64)
         )
     array = np.ascontiguousarray(array, dtype=dtype).reshape(-1)
     finite = np.isfinite(array)
@@ -68,7 +96,7 @@ def _scores_to_numpy(scores: ArrayLike | list, where: str, dtype: np.dtype | Non
 
 def _labels_to_numpy(labels: ArrayLike | list, where: str, *, require_bool: bool) -> np.ndarray:
     """Flat bool array; integer/float labels must be exactly 0 or 1 unless bool is required."""
-    array = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    array = labels.detach().cpu().numpy() if _is_tensor(labels) else np.asarray(labels)
     if array.dtype == np.bool_:
         return array.reshape(-1)
     if require_bool:
@@ -88,9 +116,7 @@ def _labels_to_numpy(labels: ArrayLike | list, where: str, *, require_bool: bool
 def _split_by_label(scores: np.ndarray, labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(negative scores, positive scores), both fresh copies the caller may sort in place."""
     if scores.shape != labels.shape:
-        raise ValueError(
-            f"{where}: {scores.size} scores but {labels.size} labels; they must match one to one."
-        )
+        raise ValueError(f"{where}: {scores.size} scores but {labels.size} labels; they must match one to one.")
     return scores[~labels], scores[labels]
 
 
@@ -204,9 +230,7 @@ class _FloatBitHistogram:
 
     def __init__(self, mantissa_bits: int) -> None:
         if not 0 <= mantissa_bits <= 14:
-            raise ValueError(
-                f"PixelMetrics: mantissa_bits must be in 0..14 (2**(9+bits) bins), got {mantissa_bits}."
-            )
+            raise ValueError(f"PixelMetrics: mantissa_bits must be in 0..14 (2**(9+bits) bins), got {mantissa_bits}.")
         self.shift = 23 - mantissa_bits
         self.num_bins = 1 << (9 + mantissa_bits)
         self.offset = self.num_bins // 2  # bins of negative scores come first
@@ -313,9 +337,7 @@ class PixelMetrics:
     def compute(self) -> dict[str, float | None]:
         """{"pixel_f1", "pixel_auroc"}; a value is None where it is undefined (one class only)."""
         if self.num_pixels == 0:
-            raise ValueError(
-                "PixelMetrics.compute: no pixels were added; call update() with the test batches first."
-            )
+            raise ValueError("PixelMetrics.compute: no pixels were added; call update() with the test batches first.")
         f1, auroc = self._state.metrics()
         return {"pixel_f1": f1, "pixel_auroc": auroc}
 
@@ -348,9 +370,7 @@ class ImageMetrics:
     def compute(self) -> dict[str, float | None]:
         """{"image_f1", "image_auroc"}; a value is None where it is undefined (one class only)."""
         if self.num_images == 0:
-            raise ValueError(
-                "ImageMetrics.compute: no images were added; call update() with the test batches first."
-            )
+            raise ValueError("ImageMetrics.compute: no images were added; call update() with the test batches first.")
         f1, auroc = self._state.metrics()
         return {"image_f1": f1, "image_auroc": auroc}
 
@@ -365,9 +385,7 @@ def _entry(matrix: list[list[float | None]], t: int, j: int) -> float | None:
     row = matrix[t]
     value = row[j] if j < len(row) else None
     if value is not None and not np.isfinite(value):
-        raise ValueError(
-            f"metric matrix entry R[{t}][{j}] is {value}; store None for undefined metrics, not NaN/inf."
-        )
+        raise ValueError(f"metric matrix entry R[{t}][{j}] is {value}; store None for undefined metrics, not NaN/inf.")
     return value
 
 
@@ -380,19 +398,22 @@ def final_average(matrix: list[list[float | None]]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def forgetting(matrix: list[list[float | None]]) -> float | None:
-    """Mean over tasks j < T of F_j = max_{t<T} R[t][j] - R[T][j] (methods.md section 1).
+def forgetting_per_task(matrix: list[list[float | None]]) -> list[float | None]:
+    """F_j = max_{t<T} R[t][j] - R[T][j] for each task j < T (docs/methods.md section 1).
 
-    A task counts only when R[T][j] and at least one earlier R[t][j] are defined; None if
-    fewer than two tasks were trained or no task counts.
+    None for a task whose R[T][j] or every earlier R[t][j] is undefined; empty if fewer than
+    two tasks were trained.
     """
-    if len(matrix) < 2:
-        return None
     last = len(matrix) - 1
-    drops = []
-    for j in range(last):
+    drops: list[float | None] = []
+    for j in range(max(last, 0)):
         final = _entry(matrix, last, j)
         earlier = [v for t in range(last) if (v := _entry(matrix, t, j)) is not None]
-        if final is not None and earlier:
-            drops.append(max(earlier) - final)
+        drops.append(max(earlier) - final if final is not None and earlier else None)
+    return drops
+
+
+def forgetting(matrix: list[list[float | None]]) -> float | None:
+    """Mean of ``forgetting_per_task`` over the tasks where it is defined; None if none is."""
+    drops = [d for d in forgetting_per_task(matrix) if d is not None]
     return float(np.mean(drops)) if drops else None

@@ -45,7 +45,9 @@ def overlay_panels(image: np.ndarray, mask: np.ndarray, heat: np.ndarray, alpha:
 
 
 @torch.inference_mode()
-def write_overlays(model: AnomalyModel, splits: list[CategorySplit], image_size: int, device: str, out_dir: Path, per_task: int = 2) -> list[Path]:
+def write_overlays(
+    model: AnomalyModel, splits: list[CategorySplit], image_size: int, device: str, out_dir: Path, per_task: int = 2
+) -> list[Path]:
     """Render the first ``per_task`` defective test images of each task; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def dominates(a: Sequence[float], b: Sequence[float], maximize: Sequence[bool]) -> bool:
@@ -14,7 +14,9 @@ def dominates(a: Sequence[float], b: Sequence[float], maximize: Sequence[bool]) 
 
 def pareto_front(points: Sequence[Sequence[float]], maximize: Sequence[bool]) -> list[int]:
     """Indices of the non-dominated points (ties: equal points are all kept), in input order."""
-    return [i for i, p in enumerate(points) if not any(dominates(q, p, maximize) for j, q in enumerate(points) if j != i)]
+    return [
+        i for i, p in enumerate(points) if not any(dominates(q, p, maximize) for j, q in enumerate(points) if j != i)
+    ]
 
 
 def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:

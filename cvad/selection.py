@@ -8,7 +8,8 @@ table; all but the projection to more tasks (which prices configurations) is tes
 
 A recommendation is the Pareto-optimal set (quality up, MB down, GFLOPs down) of the finished
 trials that fit the budget, best quality first; each entry says what it wins and what it costs
-against the one before it.
+against the one before it. Trials are ranked only against trials of the same task stream (the
+dataset and its ordered task list): figures on different streams do not compare.
 """
 
 from __future__ import annotations
@@ -17,28 +18,28 @@ import json
 import logging
 import math
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
+from cvad.metrics import DETECTION_METRICS, FORGETTING_METRICS, METRIC_LABELS
 from cvad.pareto import pareto_front
 from cvad.published import PUBLISHED, PublishedCell
+from cvad.titles import backbone_title, method_title
 
-QUALITY_METRICS = ("pixel_f1", "image_f1", "pixel_auroc", "image_auroc")
-METRIC_NAMES = {"pixel_f1": "pixel F1", "image_f1": "image F1", "pixel_auroc": "pixel ROC-AUC", "image_auroc": "image ROC-AUC"}
-MODEL_NAMES = {"padim": "PaDiM", "patchcore": "PatchCore", "stfpm": "STFPM", "paste": "PaSTe", "simplenet": "SimpleNet", "cfa": "CFA", "dinomaly": "Dinomaly"}
-BACKBONE_NAMES = {
-    "mobilenetv2_100": "MobileNetV2",
-    "mcunet_in3": "MCUNet",
-    "phinet_1.2_0.5_6_downsampling": "PhiNet",
-    "tf_efficientnet_lite0": "EfficientNet-Lite0",
-    "deit_tiny_patch16_224": "DeiT-Tiny",
-    "vit_base_patch16_224": "ViT-Base",
-    "vit_small_patch14_reg4_dinov2": "DINOv2 ViT-S",
-    "resnet18": "ResNet18",
-    "wide_resnet50_2": "WideResNet50",
-}
-TABLE_METRICS = (*QUALITY_METRICS, "forgetting_pixel_f1", "memory_mb", "gflops", "latency_ms", "latency_noisy", "wall_seconds")
+QUALITY_METRICS = DETECTION_METRICS  # what a recommendation may maximise
+DEFAULT_METRIC = "pixel_f1"
+TABLE_METRICS = (
+    *QUALITY_METRICS,
+    *FORGETTING_METRICS,
+    "memory_mb",
+    "gflops",
+    "latency_ms",
+    "latency_noisy",
+    "wall_seconds",
+)
 
 
 MB_SCHEMA_1 = 1e6 / 2**20  # schema 1 records count MB as 10^6 bytes and GFLOPs as multiply-adds (GMACs)
@@ -68,12 +69,55 @@ class SelectionError(RuntimeError):
     """Nothing to select from; the message says what to run."""
 
 
+@dataclass(frozen=True)
+class Stream:
+    """What a trial learned and was scored on: the dataset (a folder dataset with its root) and the tasks in order."""
+
+    dataset: str
+    root: str | None = None  # folder datasets only: the folder is the dataset
+    tasks: tuple[str, ...] | None = None  # None: not recorded (a trial that never wrote its record)
+
+    def describe(self, names: int = 3) -> str:
+        """'folder /data/parts: 16 tasks (bolt, gear, nut, ...)'."""
+        where = f"{self.dataset} {self.root}" if self.root else self.dataset or "dataset not recorded"
+        if self.tasks is None:
+            return f"{where}: tasks not recorded"
+        shown = ", ".join(self.tasks[:names]) + (", ..." if len(self.tasks) > names else "")
+        return f"{where}: {len(self.tasks)} task{'s' if len(self.tasks) != 1 else ''} ({shown})"
+
+    def as_record(self) -> dict:
+        return {"dataset": self.dataset, "root": self.root, "tasks": None if self.tasks is None else list(self.tasks)}
+
+
+def streams(trials: pd.DataFrame) -> list[Stream]:
+    """The task streams of the trials, most trials first and those without a task list last: stream N of
+    ``cvad recommend --stream N``."""
+    counts = trials["stream"].value_counts(sort=False)
+    return sorted(counts.index, key=lambda s: (s.tasks is None, -counts[s], s.dataset, s.root or "", s.tasks or ()))
+
+
+def of_stream(trials: pd.DataFrame, stream: Stream) -> pd.DataFrame:
+    """The trials of one task stream."""
+    return trials[trials["stream"].map(lambda s: s == stream)]
+
+
+def one_stream(trials: pd.DataFrame) -> Stream | None:
+    """The one task stream of the trials (None if there are none); refuses trials of several."""
+    found = streams(trials)
+    if len(found) > 1:
+        listed = "; ".join(f"{n}. {s.describe()}" for n, s in enumerate(found, 1))
+        raise SelectionError(f"trials of {len(found)} task streams do not compare; rank each on its own: {listed}")
+    return found[0] if found else None
+
+
 def display_name(row: dict) -> str:
     """'PaSTe + MobileNetV2, replay 40' from a trial row."""
     params = row.get("params") or {}
-    model = MODEL_NAMES.get(row["model"], row["model"])
+    model = method_title(row["model"])
     if row["model"] == "padim":
-        model = ("PaDiM-Lite" if params.get("model.params.covariance") == "diagonal" else "PaDiM") + f" {params.get('model.params.continual', '')}".rstrip()
+        model = (
+            "PaDiM-Lite" if params.get("model.params.covariance") == "diagonal" else "PaDiM"
+        ) + f" {params.get('model.params.continual', '')}".rstrip()
     elif row["model"] == "patchcore":
         variant = {"cl": "CL", "cl++": "CL++"}.get(params.get("model.params.continual"), "")
         bank = params.get("model.params.bank_size")
@@ -83,7 +127,7 @@ def display_name(row: dict) -> str:
     strategy = row.get("strategy") or ""
     if strategy == "replay":
         strategy = f"replay {params.get('strategy.replay_size', '?')}"
-    return f"{model} + {BACKBONE_NAMES.get(row['backbone'], row['backbone'])}, {strategy}"
+    return f"{model} + {backbone_title(row['backbone'])}, {strategy}"
 
 
 def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.DataFrame:
@@ -106,13 +150,21 @@ def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.D
             names = ", ".join(sorted(e.name for e in found)) or "none"
             raise SelectionError(f"no sweep named {', '.join(missing)} in {tracking_uri}; sweeps there: {names}")
         found = [e for e in found if e.name in experiments]
-    runs = client.search_runs([e.experiment_id for e in found], filter_string="tags.`cvad.role` = 'trial'", max_results=50000) if found else []
+    runs = (
+        client.search_runs(
+            [e.experiment_id for e in found], filter_string="tags.`cvad.role` = 'trial'", max_results=50000
+        )
+        if found
+        else []
+    )
     if not runs:
         raise SelectionError(f"no cvad trials in {tracking_uri}; run a sweep first, e.g. `cvad sweep sweeps/edge.yaml`")
     names = {e.experiment_id: e.name for e in found}
     rows = []
     for run in runs:
-        tags, metrics = run.data.tags, run.data.metrics
+        tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+        dataset = tags.get("cvad.dataset") or params.get("dataset.name", "")
+        root = params.get("dataset.root") if dataset == "folder" else None
         row = {
             "run_id": run.info.run_id,
             "sweep": names.get(run.info.experiment_id, ""),
@@ -121,7 +173,8 @@ def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.D
             "model": tags.get("cvad.model", ""),
             "backbone": tags.get("cvad.backbone", ""),
             "strategy": tags.get("cvad.strategy", ""),
-            "dataset": tags.get("cvad.dataset", ""),
+            "dataset": dataset,
+            "stream": Stream(dataset, root, listed_tasks(params, dataset) or recorded_tasks(tracking_uri, run)),
             "pretrained": tags.get("cvad.pretrained") == "true",
             "schema": schema_of(tags, metrics),
             "error": tags.get("cvad.error"),
@@ -136,7 +189,49 @@ def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.D
         row["name"] = display_name(row)
         rows.append(row)
     table = pd.DataFrame(rows).astype({"schema": "Int64"})
+    table["stream"] = complete_streams(table)
     return table.sort_values(["sweep", "trial"]).reset_index(drop=True)
+
+
+def listed_tasks(params: dict[str, str], dataset: str) -> tuple[str, ...] | None:
+    """The task list a trial's params spell out: ``dataset.tasks`` as a list, or the built-in categories for 'all'."""
+    from cvad.tracking import param_value
+
+    tasks = param_value(params.get("dataset.tasks", "all"))
+    if tasks == "all" and dataset == "builtin":
+        tasks = param_value(params.get("dataset.builtin.categories", "None"))
+    return tuple(tasks) if isinstance(tasks, list) else None
+
+
+def recorded_tasks(tracking_uri: str, run) -> tuple[str, ...] | None:
+    """The tasks a trial ran on, from its ``result.json`` (for 'all' on a folder, a preset, runs of older versions)."""
+    from mlflow.artifacts import download_artifacts
+
+    if "cvad.pretrained" not in run.data.tags:  # set with the record: none was logged (pruned, failed)
+        return None
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:  # by the artifact URI: a few ms, where a download by run id looks the run up again
+            uri = f"{run.info.artifact_uri}/result.json"
+            path = download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri)
+        except Exception:  # a record whose artifacts are gone
+            return None
+        return tuple(json.loads(Path(path).read_text())["tasks"])
+
+
+def complete_streams(table: pd.DataFrame) -> pd.Series:
+    """Streams with a task list for trials without one (pruned, or failed before their record) where their sweep
+    ran the same dataset on one task list only; others keep 'tasks not recorded'."""
+    known = table[table["stream"].map(lambda s: s.tasks is not None)]
+    lists: dict[tuple, set[Stream]] = {}
+    for sweep, stream in zip(known["sweep"], known["stream"]):
+        lists.setdefault((sweep, stream.dataset, stream.root), set()).add(stream)
+
+    def complete(sweep: str, stream: Stream) -> Stream:
+        candidates = lists.get((sweep, stream.dataset, stream.root), set())
+        return next(iter(candidates)) if stream.tasks is None and len(candidates) == 1 else stream
+
+    return pd.Series([complete(w, s) for w, s in zip(table["sweep"], table["stream"])], index=table.index)
 
 
 def schema_of(tags: dict, metrics: dict) -> int | None:
@@ -188,7 +283,8 @@ def usable(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def pareto_mask(trials: pd.DataFrame, metric: str) -> pd.Series:
-    """True for the trials on the front of (metric up, MB down, GFLOPs down) among the usable ones."""
+    """True for the trials on the front of (metric up, MB down, GFLOPs down) among the usable ones (of one stream)."""
+    one_stream(trials)
     candidates = usable(trials, metric)
     points = candidates[[metric, "memory_mb", "gflops"]].to_numpy().tolist()
     front = candidates.index[pareto_front(points, [True, False, False])]
@@ -220,24 +316,38 @@ class Recommendation:
     budget: Budget
     picks: pd.DataFrame  # rows of the trial table plus a "why" column
     excluded: dict[str, int]  # reason -> number of trials
+    stream: Stream | None  # the task stream of every trial considered (None: there were none)
 
     def summary(self) -> str:
         if self.picks.empty:
             return f"{self.budget.describe()}: no finished trial fits; loosen the budget or run more configurations"
         best = self.picks.iloc[0]
         return (
-            f"{self.budget.describe()}: {best['name']}: {METRIC_NAMES[self.metric]} {best[self.metric]:.3f}, "
+            f"{self.budget.describe()}: {best['name']}: {METRIC_LABELS[self.metric]} {best[self.metric]:.3f}, "
             f"{best['memory_mb']:.3g} MB, {best['gflops']:.3g} GFLOPs"
         )
 
     def as_records(self) -> list[dict]:
-        columns = ["name", "sweep", "trial", "run_id", self.metric, "memory_mb", "gflops", "image_f1", "pretrained", "why"]
+        columns = [
+            "name",
+            "sweep",
+            "trial",
+            "run_id",
+            self.metric,
+            "memory_mb",
+            "gflops",
+            "image_f1",
+            "pretrained",
+            "why",
+        ]
         return json.loads(self.picks[columns].to_json(orient="records"))
 
 
-def recommend(trials: pd.DataFrame, metric: str = "pixel_f1", budget: Budget = Budget()) -> Recommendation:
+def recommend(trials: pd.DataFrame, metric: str = DEFAULT_METRIC, budget: Budget = Budget()) -> Recommendation:
+    """The recommendation among trials of one task stream (``of_stream`` picks them; several are refused)."""
     if metric not in QUALITY_METRICS:
         raise SelectionError(f"unknown metric {metric!r}; choose one of: {', '.join(QUALITY_METRICS)}")
+    stream = one_stream(trials)
     pruned = trials["pruned"].notna() if "pruned" in trials else pd.Series(False, index=trials.index)
     excluded = {
         "failed or unfinished": int((~trials["status"].eq("FINISHED")).sum()),
@@ -260,12 +370,12 @@ def recommend(trials: pd.DataFrame, metric: str = "pixel_f1", budget: Budget = B
     excluded["dominated by another that fits"] = dominated
     picks = front.sort_values([metric, "memory_mb", "gflops", "trial"], ascending=[False, True, True, True]).copy()
     picks["why"] = reasons(picks, metric)
-    return Recommendation(metric, budget, picks.reset_index(drop=True), excluded)
+    return Recommendation(metric, budget, picks.reset_index(drop=True), excluded, stream)
 
 
 def reasons(picks: pd.DataFrame, metric: str) -> list[str]:
     """What each pick wins and what it costs against the one ranked just above it."""
-    label = METRIC_NAMES[metric]
+    label = METRIC_LABELS[metric]
     out = []
     previous = None
     for _, row in picks.iterrows():
@@ -274,9 +384,14 @@ def reasons(picks: pd.DataFrame, metric: str) -> list[str]:
         else:
             savings = []
             if row["memory_mb"] < previous["memory_mb"]:
-                savings.append(f"{previous['memory_mb'] - row['memory_mb']:.3g} MB less ({row['memory_mb'] / previous['memory_mb']:.0%})")
+                savings.append(
+                    f"{previous['memory_mb'] - row['memory_mb']:.3g} MB less "
+                    f"({row['memory_mb'] / previous['memory_mb']:.0%})"
+                )
             if row["gflops"] < previous["gflops"]:
-                savings.append(f"{previous['gflops'] - row['gflops']:.3g} fewer GFLOPs ({row['gflops'] / previous['gflops']:.0%})")
+                savings.append(
+                    f"{previous['gflops'] - row['gflops']:.3g} fewer GFLOPs ({row['gflops'] / previous['gflops']:.0%})"
+                )
             cost = previous[metric] - row[metric]
             out.append(f"{' and '.join(savings) or 'no saving'} than the one above, for {cost:.3f} lower {label}")
         previous = row

@@ -11,7 +11,8 @@ What a trial's run holds (the dashboard and ``cvad recommend`` read these names)
 - tags: ``cvad.sweep``, ``cvad.model``, ``cvad.backbone``, ``cvad.strategy``, ``cvad.dataset``,
   ``cvad.weights`` (imagenet / random / a path; ``cvad.pretrained`` true|false after the run),
   ``cvad.seed``, ``cvad.version``, ``cvad.trial`` (Optuna trial number), ``cvad.error`` if it failed,
-  ``cvad.schema`` (the result record's schema, after the run; runs logged before schema 2 lack it);
+  ``cvad.schema`` (the result record's schema, after the run; runs logged before schema 2 lack it),
+  ``cvad.worker`` (the Ray node:pid that ran it), ``cvad.retried`` (true when Ray reran it after losing its node);
 - metrics at step t (task index): ``image_f1``, ``image_auroc``, ``pixel_f1``, ``pixel_auroc``,
   ``routing_accuracy`` = average over the tasks seen after step t, and ``task.<name>.<metric>``
   for each seen task; the last step's values are the final results;
@@ -36,9 +37,9 @@ from urllib.parse import urlparse
 
 import yaml
 
-from cvad.continual.protocol import METRICS
+from cvad.metrics import FORGETTING_METRICS, METRICS
 
-SUMMARY_METRICS = ("forgetting_pixel_f1", "forgetting_image_f1")
+DEFAULT_STORE = Path("runs")  # the folder of the local MLflow store (and a sweep's Optuna database and artifacts)
 MAX_PARAMS_PER_CALL = 100
 MAX_METRICS_PER_CALL = 1000
 
@@ -49,6 +50,11 @@ class TrackingError(RuntimeError):
 
 def default_tracking_uri(store_dir: Path) -> str:
     return f"sqlite:///{(store_dir / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(uri: str | None = None, store_dir: Path = DEFAULT_STORE) -> str:
+    """The MLflow store to use: ``uri`` if given, else ``$MLFLOW_TRACKING_URI``, else sqlite in ``store_dir``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(store_dir)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -187,7 +193,7 @@ class SweepTracker:
         """Final metrics, tags that need the run's outcome, and the artifacts."""
         eff, final = record["efficiency"], record["final"]
         last = len(record["tasks"]) - 1
-        values = {k: final.get(k) for k in SUMMARY_METRICS}
+        values = {k: final.get(k) for k in FORGETTING_METRICS}
         values.update({k: eff[k] for k in ("memory_mb", "memory_bytes", "gflops", "gmacs", "latency_ms")})
         if eff["latency_ms"] is not None:  # a spread that says the machine was busy is kept beside the figure
             values.update(latency_iqr_ms=eff["latency_iqr_ms"], latency_noisy=float(eff["latency_noisy"]))
@@ -215,6 +221,24 @@ class SweepTracker:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
             self.client.log_artifacts(run_id, tmp)
+
+    def finished_record(self, run_id: str) -> dict | None:
+        """The result record of a FINISHED trial run (its result.json artifact); None for any other run."""
+        try:
+            if self.client.get_run(run_id).info.status != "FINISHED":
+                return None
+            with tempfile.TemporaryDirectory() as tmp:
+                return json.loads(Path(self.client.download_artifacts(run_id, "result.json", tmp)).read_text())
+        except Exception:  # a run or artifact that is gone: the trial reruns
+            return None
+
+    def tag_worker(self, run_id: str, worker: str) -> None:
+        """The Ray worker (node:pid) that ran the trial."""
+        self.client.set_tag(run_id, "cvad.worker", worker)
+
+    def mark_retried(self, run_id: str) -> None:
+        """Ray reran the trial on another node after losing the first one."""
+        self.client.set_tag(run_id, "cvad.retried", "true")
 
     def end_trial(self, run_id: str, status: str, error: str | None = None, details: str | None = None) -> None:
         """Close a trial's run; a failure keeps its one-line error as a tag and the full text as error.txt."""

@@ -7,28 +7,31 @@ README.md ("The result record") and versioned by ``RESULT_SCHEMA``.
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import random
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 import cvad
 from cvad.config import RunConfig
-from cvad.continual.protocol import METRICS, LoaderSettings, run_continual
-from cvad.data import load_task_stream
+from cvad.continual.protocol import LoaderSettings, run_continual
 from cvad.cost import measure_efficiency
+from cvad.data import load_task_stream
 from cvad.efficiency import measure_latency
-from cvad.metrics import final_average, forgetting
+from cvad.metrics import FORGETTING_OF, METRICS, final_average, forgetting
 from cvad.models import build_model
 from cvad.models.components.frozen import FeatureStore
 from cvad.overlays import write_overlays
+from cvad.progress import DataReady, Listener, ignore
 
+RECORD_FILE = "result.json"
 RESULT_SCHEMA = 2  # 2: MB = 2^20 bytes and GFLOPs = 2 x GMACs, raw counts kept (1: MB = 10^6 bytes, GFLOPs = GMACs)
-Progress = Callable[[str, dict], None]
 
 
 def seed_everything(seed: int) -> None:
@@ -46,32 +49,28 @@ def resolve_device(name: str) -> str:
 
 
 def run_trial(
-    config: RunConfig, progress: Progress | None = None, output_dir: Path | None = None, feature_cache: Path | None = None
+    config: RunConfig, progress: Listener = ignore, output_dir: Path | None = None, feature_cache: Path | None = None
 ) -> dict:
     """Run one continual experiment end to end and return its result record.
 
-    With ``output_dir``, anomaly-map overlays of each task's first defective test images
-    are written to ``output_dir/overlays`` (after the last step). ``feature_cache`` is a folder
+    With ``output_dir``, the record is written there as ``result.json`` (atomically, before
+    anything else), then anomaly-map overlays of each task's first defective test images go to
+    ``output_dir/overlays``; an extra that cannot be written becomes a line in the record's
+    ``warnings``, never a lost run. ``feature_cache`` is a folder
     where frozen networks' outputs per training image are kept for later runs (a sweep's);
     the record is the same with or without it.
     """
-    notify = progress or (lambda event, info: None)
     started = time.perf_counter()
     seed_everything(config.seed)
     device = resolve_device(config.device)
 
-    splits = load_task_stream(config.dataset, progress=lambda msg: notify("data", {"message": msg}))
+    splits = load_task_stream(config.dataset, progress=lambda message: progress(DataReady(message)))
     data_seconds = time.perf_counter() - started
-    model = build_model(
-        config.model.name,
-        config.model.params,
-        backbone=config.backbone.name,
-        weights=config.backbone.weights,
-        image_size=config.dataset.image_size,
-        seed=config.seed,
-    ).to(device)
+    model = build_model(config.model.name, config.model.params, config.setup(tasks=len(splits))).to(device)
 
-    settings = LoaderSettings(config.dataset.image_size, config.dataset.batch_size, device, config.seed, config.dataset.eval_batch_size)
+    settings = LoaderSettings(
+        config.dataset.image_size, config.dataset.batch_size, device, config.seed, config.dataset.eval_batch_size
+    )
     protocol_started = time.perf_counter()
     stream = run_continual(
         model,
@@ -79,7 +78,7 @@ def run_trial(
         strategy=config.strategy.name,
         settings=settings,
         replay_size=config.strategy.replay_size,
-        progress=notify,
+        progress=progress,
         features=FeatureStore(feature_cache),
     )
     protocol_seconds = time.perf_counter() - protocol_started
@@ -89,14 +88,11 @@ def run_trial(
     latency = {"latency_ms": None}
     if config.measure_latency:
         latency = measure_latency(model, config.dataset.image_size, device=device).as_record()
-    if output_dir is not None:
-        write_overlays(model, splits, config.dataset.image_size, device, Path(output_dir) / "overlays")
 
     matrices = stream.matrices
     final = {metric: final_average(matrices[metric]) for metric in METRICS}
-    final["forgetting_pixel_f1"] = forgetting(matrices["pixel_f1"])
-    final["forgetting_image_f1"] = forgetting(matrices["image_f1"])
-    return {
+    final |= {f"forgetting_{metric}": forgetting(matrices[metric]) for metric in FORGETTING_OF}
+    record = {
         "schema": RESULT_SCHEMA,
         "cvad_version": cvad.__version__,
         "config": config.to_dict(),
@@ -107,7 +103,9 @@ def run_trial(
         "efficiency": efficiency
         | latency
         | {
-            "latency_device": f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "latency_device": (
+                f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+            ),
         },
         "weights": model.weights.as_dict(),
         "steps": [
@@ -128,4 +126,52 @@ def run_trial(
             "eval": sum(s.eval_seconds for s in stream.steps),
             "total": time.perf_counter() - started,
         },
+        "warnings": [],
     }
+    if output_dir is None:
+        return record
+    # The record first, whole or not at all; then the extras, whose failure is a warning in it.
+    record_path = Path(output_dir) / RECORD_FILE
+    write_record(record_path, record)
+    try:
+        write_overlays(model, splits, config.dataset.image_size, device, Path(output_dir) / "overlays")
+    except OSError as exc:
+        record["warnings"].append(f"overlays not written: {exc}")
+        write_record(record_path, record)
+    return record
+
+
+class RecordWriteError(OSError):
+    """The result record could not be written where asked; the message says where it was saved instead."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` all at once (a temporary file renamed over it): readers never see half a file."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
+        tmp.write(text)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    try:
+        os.replace(tmp.name, path)
+    except OSError:
+        os.unlink(tmp.name)
+        raise
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write ``record`` as JSON to ``path`` atomically; if that fails (disk full, read-only), save it
+    elsewhere and say where."""
+    text = json.dumps(record, indent=2)
+    try:
+        write_atomic(path, text)
+    except OSError as exc:
+        fallback = Path(tempfile.gettempdir()) / f"cvad-result-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+        try:
+            fallback.write_text(text)
+        except OSError:
+            raise RecordWriteError(f"could not write the result record to {path} ({exc}), nor to {fallback}") from exc
+        raise RecordWriteError(
+            f"could not write the result record to {path} ({exc}); it was saved to {fallback}: move it there once "
+            "there is room"
+        ) from exc

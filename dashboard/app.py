@@ -18,11 +18,21 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
+from cvad.metrics import FORGETTING_METRICS, METRIC_LABELS, forgetting_per_task
 from cvad.selection import (
-    METRIC_NAMES, PUBLISHED_MVTEC, QUALITY_METRICS, Budget, SelectionError, load_trials, pareto_mask, project_to_tasks,
+    DEFAULT_METRIC,
+    PUBLISHED_MVTEC,
+    QUALITY_METRICS,
+    Budget,
+    SelectionError,
+    load_trials,
+    of_stream,
+    pareto_mask,
+    project_to_tasks,
     recommend,
+    streams,
 )  # fmt: skip
-from cvad.tracking import TrackingError, default_tracking_uri
+from cvad.tracking import TrackingError, resolve_tracking_uri
 
 st.set_page_config(page_title="cvad: what to deploy", layout="wide")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -32,7 +42,7 @@ def tracking_uri_from_args() -> str:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--tracking-uri")
     known, _ = parser.parse_known_args(sys.argv[1:])
-    return known.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path("runs"))
+    return resolve_tracking_uri(known.tracking_uri)
 
 
 @st.cache_data(ttl=30, show_spinner="reading trials from MLflow ...")
@@ -66,15 +76,25 @@ def pareto_figure(trials: pd.DataFrame, metric: str, x: str, front: pd.Series, p
     figure = px.scatter(
         trials, x=x, y=metric, color="model", symbol="backbone", hover_name="name",
         hover_data={"config": True, "sweep": True, "trial": True, "model": False, "backbone": False},
-        log_x=log_axis(shown), labels={x: AXIS_LABELS[x], metric: METRIC_NAMES[metric]},
+        log_x=log_axis(shown), labels={x: AXIS_LABELS[x], metric: METRIC_LABELS[metric]},
     )  # fmt: skip
     line = trials[front].sort_values(x)
-    figure.add_trace(go.Scatter(x=line[x], y=line[metric], mode="lines+markers", name="Pareto front", line={"color": "black", "dash": "dot"}, marker={"size": 14, "symbol": "circle-open", "color": "black"}))
+    figure.add_trace(
+        go.Scatter(
+            x=line[x],
+            y=line[metric],
+            mode="lines+markers",
+            name="Pareto front",
+            line={"color": "black", "dash": "dot"},
+            marker={"size": 14, "symbol": "circle-open", "color": "black"},
+        )
+    )
     if published and metric in PUBLISHED_MVTEC:
         figure.add_trace(
             go.Scatter(
                 x=PUBLISHED_MVTEC[x], y=PUBLISHED_MVTEC[metric], mode="markers+text", text=PUBLISHED_MVTEC["name"],
-                textposition="top center", name="published (paper, MVTec AD)", marker={"symbol": "x", "color": "grey", "size": 10},
+                textposition="top center", name="published (paper, MVTec AD)",
+                marker={"symbol": "x", "color": "grey", "size": 10},
             )
         )  # fmt: skip
     figure.update_layout(height=460, legend={"font": {"size": 10}})
@@ -91,7 +111,9 @@ def matrix_frame(uri: str, run_id: str, metric: str) -> pd.DataFrame | None:
 
 def continual_view(uri: str, trials: pd.DataFrame, metric: str) -> None:
     finished = trials[trials["status"].eq("FINISHED")]
-    chosen = st.multiselect("trials", finished["name"] + "  #" + finished["trial"].astype(str), max_selections=6, key="continual_trials")
+    chosen = st.multiselect(
+        "trials", finished["name"] + "  #" + finished["trial"].astype(str), max_selections=6, key="continual_trials"
+    )
     if not chosen:
         st.info("Pick trials to see each metric after every task, the task × task matrix and forgetting.")
         return
@@ -99,19 +121,50 @@ def continual_view(uri: str, trials: pd.DataFrame, metric: str) -> None:
     curves = []
     for _, row in rows.iterrows():
         for point in client(uri).get_metric_history(row["run_id"], metric):
-            curves.append({"trial": f"{row['name']} #{row['trial']}", "after task": point.step + 1, METRIC_NAMES[metric]: point.value})
+            curves.append(
+                {
+                    "trial": f"{row['name']} #{row['trial']}",
+                    "after task": point.step + 1,
+                    METRIC_LABELS[metric]: point.value,
+                }
+            )
     if curves:
-        st.plotly_chart(px.line(pd.DataFrame(curves), x="after task", y=METRIC_NAMES[metric], color="trial", markers=True, title=f"{METRIC_NAMES[metric]} averaged over the tasks seen"), width="stretch")
+        st.plotly_chart(
+            px.line(
+                pd.DataFrame(curves),
+                x="after task",
+                y=METRIC_LABELS[metric],
+                color="trial",
+                markers=True,
+                title=f"{METRIC_LABELS[metric]} averaged over the tasks seen",
+            ),
+            width="stretch",
+        )
     for _, row in rows.iterrows():
         st.subheader(f"{row['name']}  (trial {row['trial']})")
         matrix = matrix_frame(uri, row["run_id"], metric)
         left, right = st.columns(2)
         if matrix is not None:
-            left.plotly_chart(px.imshow(matrix, text_auto=".2f", color_continuous_scale="Viridis", labels={"x": "evaluated on", "y": "after training on"}, title="task × task"), width="stretch")
-            final = matrix.iloc[-1]
-            best_before = matrix.iloc[:-1].max() if len(matrix) > 1 else final
-            forgetting = (best_before - final).where(final.notna()).iloc[:-1]
-            right.plotly_chart(px.bar(x=forgetting.index, y=forgetting.values, labels={"x": "task", "y": "forgetting"}, title="forgetting per task (best earlier - final)"), width="stretch")
+            left.plotly_chart(
+                px.imshow(
+                    matrix,
+                    text_auto=".2f",
+                    color_continuous_scale="Viridis",
+                    labels={"x": "evaluated on", "y": "after training on"},
+                    title="task × task",
+                ),
+                width="stretch",
+            )
+            forgetting = forgetting_per_task(matrix.astype(object).where(matrix.notna(), None).to_numpy().tolist())
+            right.plotly_chart(
+                px.bar(
+                    x=matrix.columns[: len(forgetting)],
+                    y=forgetting,
+                    labels={"x": "task", "y": "forgetting"},
+                    title="forgetting per task (best earlier - final)",
+                ),
+                width="stretch",
+            )
         overlays = [a.path for a in client(uri).list_artifacts(row["run_id"], "overlays")]
         if overlays:
             st.caption("image | ground truth | anomaly map")
@@ -131,16 +184,26 @@ def main() -> None:
     except Exception as exc:  # an unreadable store must never show a traceback
         st.error(f"cannot read trials from {uri}: {exc}")
         return
-    sweeps = st.sidebar.multiselect("sweeps", sorted(everything["sweep"].unique()), default=sorted(everything["sweep"].unique()))
+    sweeps = st.sidebar.multiselect(
+        "sweeps", sorted(everything["sweep"].unique()), default=sorted(everything["sweep"].unique())
+    )
     tasks = st.sidebar.number_input(
         "project to N tasks", min_value=0, value=None, step=1, placeholder="as measured", key="tasks",
         help="re-price each trial's memory and GFLOPs after N tasks (0 or empty: as measured)",
     )  # fmt: skip
     if tasks:
         everything = cached_projection(everything, int(tasks))
-    trials = everything[everything["sweep"].isin(sweeps)].copy()
+    trials = everything[everything["sweep"].isin(sweeps)]
+    labels = {s: f"{s.describe()} ({len(of_stream(trials, s))} trial(s))" for s in streams(trials)}
+    stream = st.sidebar.selectbox(
+        "task stream", list(labels), key="stream", format_func=labels.get,
+        help="the dataset and its ordered task list: trials of different streams are never ranked together",
+    )  # fmt: skip
+    trials = of_stream(trials, stream).copy() if stream is not None else trials.copy()
     trials["config"] = trials["params"].map(lambda p: "<br>".join(f"{k}={v}" for k, v in sorted(p.items())))
-    metric = st.sidebar.selectbox("quality metric", QUALITY_METRICS, format_func=METRIC_NAMES.get)
+    metric = st.sidebar.selectbox(
+        "quality metric", QUALITY_METRICS, index=QUALITY_METRICS.index(DEFAULT_METRIC), format_func=METRIC_LABELS.get
+    )
     # Empty budgets mean no limit: a default taken from the measured figures would cut trials projected to more tasks.
     max_mb = st.sidebar.number_input(
         "max memory (MB)", min_value=0.0, value=None, step=1.0, placeholder="no limit", key="max_mb",
@@ -154,12 +217,18 @@ def main() -> None:
     published = st.sidebar.checkbox("show the paper's published figures (MVTec AD)", value=False)
 
     rec = recommend(trials, metric, Budget(max_mb, max_gflops, min_image_f1 or None))
-    tab_recommend, tab_pareto, tab_continual, tab_runs = st.tabs(["Recommendation", "Pareto fronts", "Continual", "Runs"])
+    tab_recommend, tab_pareto, tab_continual, tab_runs = st.tabs(
+        ["Recommendation", "Pareto fronts", "Continual", "Runs"]
+    )
     projected = f" (MB and GFLOPs projected to {tasks} tasks)" if tasks else ""
     with tab_recommend:
         (st.success if not rec.picks.empty else st.warning)(rec.summary() + projected)
         if not rec.picks.empty:
-            st.dataframe(rec.picks[["name", metric, "memory_mb", "gflops", "image_f1", "pretrained", "why", "sweep", "trial"]], hide_index=True, width="stretch")
+            st.dataframe(
+                rec.picks[["name", metric, "memory_mb", "gflops", "image_f1", "pretrained", "why", "sweep", "trial"]],
+                hide_index=True,
+                width="stretch",
+            )
         left_out = ", ".join(f"{n} {reason}" for reason, n in rec.excluded.items() if n)
         if left_out:
             st.caption(f"left out: {left_out}")
@@ -168,11 +237,14 @@ def main() -> None:
             reasons = "; ".join(f"{n}: {e}" for n, e in zip(kept["name"], kept["projection_error"]))
             st.warning(f"Kept as measured, not projected: {reasons}")
         if not trials["pretrained"].all():
-            st.warning("Some trials ran with random (untrained) backbone weights; their figures do not reflect a pretrained model.")
+            st.warning(
+                "Some trials ran with random (untrained) backbone weights; "
+                "their figures do not reflect a pretrained model."
+            )
     usable = trials[trials["status"].eq("FINISHED") & trials[metric].notna()]
     with tab_pareto:
         if usable.empty:
-            st.info(f"No finished trial has {METRIC_NAMES[metric]}.")
+            st.info(f"No finished trial has {METRIC_LABELS[metric]}.")
         else:
             front = pd.Series(pareto_mask(usable, metric), index=usable.index)
             left, right = st.columns(2)
@@ -181,12 +253,15 @@ def main() -> None:
             cube = px.scatter_3d(
                 usable, x="memory_mb", y="gflops", z=metric, color="model", symbol="backbone", hover_name="name",
                 log_x=log_axis(usable["memory_mb"]), log_y=log_axis(usable["gflops"]),
-                labels={**AXIS_LABELS, metric: METRIC_NAMES[metric]},
+                labels={**AXIS_LABELS, metric: METRIC_LABELS[metric]},
             )  # fmt: skip
             cube.update_layout(height=560)
             st.plotly_chart(cube, width="stretch")
             if published:
-                st.caption("Grey crosses: the paper's published numbers on MVTec AD (MobileNetV2 unless named), not measured here.")
+                st.caption(
+                    "Grey crosses: the paper's published numbers on MVTec AD (MobileNetV2 unless named), "
+                    "not measured here."
+                )
     with tab_continual:
         continual_view(uri, trials, metric)
     with tab_runs:
@@ -198,14 +273,18 @@ def main() -> None:
         if statuses:
             keep &= trials["status"].isin(statuses)
         table = trials[keep]
-        columns = ["sweep", "trial", "name", "status", *QUALITY_METRICS, "forgetting_pixel_f1", "memory_mb", "gflops"]
+        columns = ["sweep", "trial", "name", "status", *QUALITY_METRICS, *FORGETTING_METRICS, "memory_mb", "gflops"]
         columns += ["latency_ms", "latency_noisy", "pretrained", "schema", "error", "pruned"]
         if tasks:
             columns += ["measured_memory_mb", "measured_gflops", "projected_tasks", "projection_error"]
         shown = table[columns].copy()
         if uri.startswith("http"):
-            shown["mlflow"] = [f"{uri.rstrip('/')}/#/experiments/{e}/runs/{r}" for e, r in zip(table["experiment_id"], table["run_id"])]
-        st.dataframe(shown, hide_index=True, width="stretch", column_config={"mlflow": st.column_config.LinkColumn("MLflow")})
+            shown["mlflow"] = [
+                f"{uri.rstrip('/')}/#/experiments/{e}/runs/{r}" for e, r in zip(table["experiment_id"], table["run_id"])
+            ]
+        st.dataframe(
+            shown, hide_index=True, width="stretch", column_config={"mlflow": st.column_config.LinkColumn("MLflow")}
+        )
         buffer = io.StringIO()
         shown.to_csv(buffer, index=False)
         st.download_button("download as CSV", buffer.getvalue(), file_name="cvad-trials.csv", mime="text/csv")

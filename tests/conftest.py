@@ -11,6 +11,6 @@ os.environ.setdefault("CVAD_WEIGHTS_DIR", os.path.join(os.path.dirname(__file__)
 @pytest.fixture(scope="session")
 def nuts():
     """Eight defect-free built-in hex nuts at 64 px, uint8 [8, 3, 64, 64]: real images for the trained methods."""
-    from test_dinomaly import builtin_images
+    from support import builtin_images
 
     return builtin_images(8)

@@ -79,9 +79,7 @@ def make_mvtec_tree(
                 grayscale=gray,
             )
         for index in range(n_test_good):
-            _save(
-                _normal_pixels(rng, size, size), folder / "test" / "good" / f"{index:03d}.png", grayscale=gray
-            )
+            _save(_normal_pixels(rng, size, size), folder / "test" / "good" / f"{index:03d}.png", grayscale=gray)
         for defect in defects:
             for index in range(n_defect):
                 _save(
@@ -128,9 +126,7 @@ def make_visa_tree(
             mask = data / "Masks" / "Anomaly" / f"{index:03d}.png"
             _save(_defective_pixels(rng, height, width), root / image, format="JPEG", quality=95)
             (root / mask).parent.mkdir(parents=True, exist_ok=True)
-            _defect_mask(height, width, VISA_MASK_CLASS_IDS[index % len(VISA_MASK_CLASS_IDS)]).save(
-                root / mask
-            )
+            _defect_mask(height, width, VISA_MASK_CLASS_IDS[index % len(VISA_MASK_CLASS_IDS)]).save(root / mask)
             rows.append((category, "test", "anomaly", image.as_posix(), mask.as_posix()))
     (root / "LICENSE-DATASET").write_text("CC BY 4.0\n")
     split_csv = root / "split_csv" / "1cls.csv"

@@ -141,5 +141,7 @@ def test_cli_lists_a_backbones_taps():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "cvad", "list", "--taps", "mobilenetv2_100"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cvad", "list", "--taps", "mobilenetv2_100"], capture_output=True, text=True, check=True
+    )
     assert "blocks.5.0" in out.stdout and "160" in out.stdout

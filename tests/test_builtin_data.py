@@ -39,7 +39,9 @@ def read_pixels(path: Path) -> np.ndarray:
 
 def file_hashes(root: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -238,7 +240,9 @@ def test_a_tampered_stamp_is_refused(tmp_path: Path) -> None:
 
 
 def test_loading_a_category_that_is_not_configured(small_dataset: BuiltinDataset) -> None:
-    with pytest.raises(DatasetError, match="'grass' is not in this built-in dataset.*add it to dataset.builtin.categories"):
+    with pytest.raises(
+        DatasetError, match="'grass' is not in this built-in dataset.*add it to dataset.builtin.categories"
+    ):
         small_dataset.load("grass")
     with pytest.raises(DatasetError, match="built-in categories are: brick, capsule"):
         small_dataset.load("carpet")
@@ -247,11 +251,23 @@ def test_loading_a_category_that_is_not_configured(small_dataset: BuiltinDataset
 @pytest.mark.parametrize(
     ("changes", "field", "message"),
     [
-        (dict(categories=("brick", "carpet")), "categories", "unknown built-in categories ['carpet']; choose from: brick"),
+        (
+            dict(categories=("brick", "carpet")),
+            "categories",
+            "unknown built-in categories ['carpet']; choose from: brick",
+        ),
         (dict(categories=()), "categories", "no categories given"),
         (dict(categories=("brick", "brick")), "categories", "listed more than once: ['brick']"),
-        (dict(train_per_category={"brick": 3}), "train_per_category", "missing ['capsule', 'grass', 'hex_nut', 'gravel']"),
-        (dict(categories=("brick",), train_per_category={"brick": 3, "grass": 1}), "train_per_category", "not in categories: ['grass']"),
+        (
+            dict(train_per_category={"brick": 3}),
+            "train_per_category",
+            "missing ['capsule', 'grass', 'hex_nut', 'gravel']",
+        ),
+        (
+            dict(categories=("brick",), train_per_category={"brick": 3, "grass": 1}),
+            "train_per_category",
+            "not in categories: ['grass']",
+        ),
         (dict(train_per_category=0), "train_per_category", "at least 1"),
         (dict(resolution=16), "resolution", "greater than or equal to 32"),
         (dict(defect_contrast=1.5), "defect_contrast", "less than or equal to 1"),

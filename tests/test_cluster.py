@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from test_sweep import tiny_sweep
+from support import Processes, alive_nodes, answers, free_port, tiny_sweep, wait_until
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 # Every process of the cluster (and the driver) shares one auth token, as a real cluster would;
 # fast failure detection, so that a killed node is noticed within seconds.
@@ -35,61 +32,6 @@ RAY_ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-class Processes:
-    """Long-running processes started in their own process groups, stopped by group id."""
-
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen] = []
-
-    def start(self, args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-        process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env or os.environ, start_new_session=True)
-        self.started.append(process)
-        return process
-
-    @staticmethod
-    def kill(process: subprocess.Popen) -> None:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
-
-    def stop_all(self) -> None:
-        for process in reversed(self.started):
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-        for process in self.started:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill(process)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
@@ -99,7 +41,8 @@ def cluster(tmp_path_factory):
         processes.start(
             [
                 str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination", str(root / "artifacts"),
             ],
             root / "mlflow.log",
         )  # fmt: skip
@@ -110,18 +53,10 @@ def cluster(tmp_path_factory):
         uri = f"http://127.0.0.1:{mlflow_port}"
         wait_until(lambda: answers(f"{uri}/health"), 90, "the MLflow server answering")
         second = processes.start([str(BIN / "ray"), "start", "--address", address, *node], root / "node2.log", RAY_ENV)
-        wait_until(lambda: alive_nodes(address) == 2, 90, "two Ray nodes joining")
+        wait_until(lambda: alive_nodes(address, RAY_ENV) == 2, 90, "two Ray nodes joining")
         yield {"root": root, "address": address, "uri": uri, "processes": processes, "second": second}
     finally:
         processes.stop_all()
-
-
-def alive_nodes(address: str) -> int:
-    result = subprocess.run(
-        [sys.executable, "-c", f"import ray; ray.init(address='{address}', logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"],
-        capture_output=True, text=True, env=RAY_ENV,
-    )  # fmt: skip
-    return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 and result.stdout.strip() else 0
 
 
 def sweep_file(root: Path, name: str, cache: Path, **dataset) -> Path:
@@ -144,7 +79,10 @@ def trial_runs(uri: str, experiment: str) -> list:
 def test_sweep_runs_on_two_nodes_and_lands_in_the_mlflow_server(cluster, tmp_path):
     path = sweep_file(cluster["root"], "two-nodes", tmp_path / "cache")
     result = subprocess.run(
-        [str(BIN / "cvad"), "sweep", str(path), "--address", cluster["address"], "--tracking-uri", cluster["uri"], "--store", str(tmp_path)],
+        [
+            str(BIN / "cvad"), "sweep", str(path), "--address", cluster["address"],
+            "--tracking-uri", cluster["uri"], "--store", str(tmp_path),
+        ],
         capture_output=True, text=True, env=RAY_ENV, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -163,7 +101,10 @@ def test_a_killed_node_loses_no_trial(cluster, tmp_path):
     log = tmp_path / "driver.log"  # a file, not a pipe, so that no lingering process can block reading it
     with log.open("w") as sink:
         driver = subprocess.Popen(
-            [str(BIN / "cvad"), "sweep", str(path), "--address", cluster["address"], "--tracking-uri", cluster["uri"], "--store", str(tmp_path)],
+            [
+                str(BIN / "cvad"), "sweep", str(path), "--address", cluster["address"],
+                "--tracking-uri", cluster["uri"], "--store", str(tmp_path),
+            ],
             stdout=sink, stderr=subprocess.STDOUT, env=RAY_ENV,
         )  # fmt: skip
         try:
@@ -188,7 +129,10 @@ def test_a_killed_node_loses_no_trial(cluster, tmp_path):
 def test_an_unreachable_tracking_server_fails_before_any_trial(tmp_path):
     path = sweep_file(tmp_path, "no-server", tmp_path / "cache")
     result = subprocess.run(
-        [str(BIN / "cvad"), "sweep", str(path), "--tracking-uri", f"http://127.0.0.1:{free_port()}", "--store", str(tmp_path)],
+        [
+            str(BIN / "cvad"), "sweep", str(path), "--tracking-uri", f"http://127.0.0.1:{free_port()}",
+            "--store", str(tmp_path),
+        ],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2

@@ -61,7 +61,9 @@ def test_dataset_root_rules():
 
 
 def test_overrides_parse_yaml_values_and_nest():
-    raw = apply_overrides({"dataset": {"name": "builtin"}}, ["dataset.image_size=96", "dataset.tasks=[brick, grass]", "seed=3"])
+    raw = apply_overrides(
+        {"dataset": {"name": "builtin"}}, ["dataset.image_size=96", "dataset.tasks=[brick, grass]", "seed=3"]
+    )
     assert raw == {"dataset": {"name": "builtin", "image_size": 96, "tasks": ["brick", "grass"]}, "seed": 3}
     with pytest.raises(ConfigError, match="expected key=value"):
         apply_overrides({}, ["dataset.image_size"])

@@ -20,7 +20,7 @@ TINY = {
     "test_good_per_category": 2,
     "test_defects_per_category": 2,
 }
-HEADLINE_MVTEC_MOBILENET = {  # ../shared/methods.md section 7
+HEADLINE_MVTEC_MOBILENET = {  # docs/methods.md section 7
     "PaSTe, replay 100",
     "STFPM, replay 100",
     "PatchCoreCL++ 30k",
@@ -69,7 +69,9 @@ def test_price_equals_what_the_run_measures(cache_dir, model, strategy):
 
 
 def test_state_that_grows_with_tasks_is_priced_per_task(cache_dir):
-    multimodal = validate_config(tiny(cache_dir, {"name": "padim", "params": {"continual": "multimodal", "n_features": 12}}))
+    multimodal = validate_config(
+        tiny(cache_dir, {"name": "padim", "params": {"continual": "multimodal", "n_features": 12}})
+    )
     gaussians = [price_config(multimodal, n)["memory_bytes_by_part"]["gaussians"] for n in (1, 2, 30)]
     assert gaussians[1] - gaussians[0] == pytest.approx((gaussians[2] - gaussians[0]) / 29, rel=1e-6)
     cl = validate_config(tiny(cache_dir, {"name": "patchcore", "params": {"continual": "cl", "bank_size": 3000}}))
@@ -89,15 +91,23 @@ def test_task_count_comes_from_the_config(cache_dir, tmp_path):
         task_count(folder.dataset)
 
 
+@pytest.mark.slow
 def test_cli_prices_a_config_after_n_tasks(cache_dir, tmp_path):
     path = tmp_path / "multimodal.yaml"
-    path.write_text(json.dumps(tiny(cache_dir, {"name": "padim", "params": {"continual": "multimodal", "n_features": 12}})))
+    path.write_text(
+        json.dumps(tiny(cache_dir, {"name": "padim", "params": {"continual": "multimodal", "n_features": 12}}))
+    )
     command = [sys.executable, "-m", "cvad", "cost", str(path), "--json"]
-    prices = [json.loads(subprocess.run(command + extra, capture_output=True, text=True, check=True).stdout) for extra in ([], ["--tasks", "30"])]
+    prices = [
+        json.loads(subprocess.run(command + extra, capture_output=True, text=True, check=True).stdout)
+        for extra in ([], ["--tasks", "30"])
+    ]
     assert (prices[0]["tasks"], prices[1]["tasks"]) == (3, 30)
     gaussians = [price["memory_bytes_by_part"]["gaussians"] for price in prices]
     assert gaussians[1] == pytest.approx(10 * gaussians[0], rel=1e-3)  # one Gaussian per position and task
-    text = subprocess.run([sys.executable, "-m", "cvad", "cost", str(path)], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "cvad", "cost", str(path)], capture_output=True, text=True, check=True
+    ).stdout
     assert "after 3 task(s)" in text and "GFLOPs/image (2 x" in text and "MB = 2^20 bytes" in text
     refused = subprocess.run(command + ["--set", "model.params.bank_size=5"], capture_output=True, text=True)
     assert refused.returncode == 2 and "bank_size" in refused.stderr and "Traceback" not in refused.stderr
@@ -105,7 +115,9 @@ def test_cli_prices_a_config_after_n_tasks(cache_dir, tmp_path):
 
 def test_paper_preset_is_the_configuration_its_figures_imply():
     def params(model: str, backbone: str, **given) -> dict:
-        config = validate_config({"model": {"name": model, "preset": "paper", "params": given}, "backbone": {"name": backbone}})
+        config = validate_config(
+            {"model": {"name": model, "preset": "paper", "params": given}, "backbone": {"name": backbone}}
+        )
         return config.model.params
 
     assert params("patchcore", "mobilenetv2_100")["layers"] == ["blocks.1.1", "blocks.3.3", "blocks.5.0"]
@@ -125,7 +137,11 @@ def published_price(cell) -> dict:
 def test_headline_figures_match_the_paper_or_its_known_accounting_difference():
     """MobileNetV2 on MVTec AD (15 tasks): each figure within ±5 % of the paper's, or within ±5 % once the one
     accounting difference the bench names for it is applied to cvad's figure."""
-    cells = {c.row: c for c in PUBLISHED if c.dataset == "mvtec" and c.backbone == "mobilenetv2_100" and c.row in HEADLINE_MVTEC_MOBILENET}
+    cells = {
+        c.row: c
+        for c in PUBLISHED
+        if c.dataset == "mvtec" and c.backbone == "mobilenetv2_100" and c.row in HEADLINE_MVTEC_MOBILENET
+    }
     assert cells.keys() == HEADLINE_MVTEC_MOBILENET
     prices = {row: published_price(cell) for row, cell in cells.items()}
     adjusted = {row: {"gflops": p["gflops"], "memory_mb": p["memory_mb"]} for row, p in prices.items()}
@@ -137,7 +153,9 @@ def test_headline_figures_match_the_paper_or_its_known_accounting_difference():
     # PaDiM-Lite: the paper's MB are the Gaussians alone.
     adjusted["PaDiM-Lite multimodal"]["memory_mb"] = prices["PaDiM-Lite multimodal"]["memory_breakdown_mb"]["gaussians"]
     # PaSTe: no teacher + student accounting reaches the paper's MB, whose model is below one teacher.
-    paste_model = cells["PaSTe, replay 100"].memory_mb - prices["PaSTe, replay 100"]["memory_breakdown_mb"]["replay_buffer"]
+    paste_model = (
+        cells["PaSTe, replay 100"].memory_mb - prices["PaSTe, replay 100"]["memory_breakdown_mb"]["replay_buffer"]
+    )
     assert paste_model < prices["PaSTe, replay 100"]["memory_breakdown_mb"]["teacher"]
     del adjusted["PaSTe, replay 100"]["memory_mb"]
 

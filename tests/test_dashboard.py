@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cvad.selection import Budget, load_trials, project_to_tasks, recommend
-from test_sweep import run_sweep, tiny_sweep
+from cvad.selection import Budget, load_trials, of_stream, project_to_tasks, recommend, streams
+from support import run_sweep, tiny_sweep
+
+pytestmark = pytest.mark.slow  # every test here reads a real sweep's store
 
 APP = str(Path(__file__).parents[1] / "dashboard" / "app.py")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -53,7 +55,11 @@ def test_app_recommends_what_cvad_recommend_does(store, monkeypatch):
     assert at.success[0].value.endswith(everything.summary().split(": ", 1)[1])
     smallest = trials["memory_mb"].min()
     at.number_input(key="max_mb").set_value(round(smallest + 0.005, 2)).run()
-    tight = recommend(trials, "pixel_f1", Budget(max_mb=round(smallest + 0.005, 2), max_gflops=at.number_input(key="max_gflops").value))
+    tight = recommend(
+        trials,
+        "pixel_f1",
+        Budget(max_mb=round(smallest + 0.005, 2), max_gflops=at.number_input(key="max_gflops").value),
+    )
     assert tight.picks.loc[0, "memory_mb"] == smallest
     assert at.success[0].value == tight.summary()
     assert len(at.get("plotly_chart")) == 3  # MB front, GFLOPs front, 3-D view
@@ -119,6 +125,43 @@ def test_continual_view_shows_curves_matrices_and_overlays(store, monkeypatch):
     assert len(at.get("image")) == 4  # the overlays: 2 tasks x 2 defective images
 
 
+@pytest.fixture(scope="module")
+def two_streams(store, tmp_path_factory) -> str:
+    """A copy of the sweep's store plus one trial of the same sweep on another task list (a resumed 'tasks: all')."""
+    from mlflow.tracking import MlflowClient
+
+    from cvad.tracking import SweepTracker
+
+    copy = tmp_path_factory.mktemp("two-streams") / "mlflow.db"
+    shutil.copy(store.removeprefix("sqlite:///"), copy)
+    uri = f"sqlite:///{copy}"
+    tracker = SweepTracker(uri, "dash")
+    parent = MlflowClient(uri).search_runs([tracker.experiment_id], "tags.`cvad.role` = 'sweep'")[0].info.run_id
+    config = {"dataset": {"name": "builtin", "tasks": ["brick"]}, "model": {"name": "padim", "params": {}}}
+    tags = {"cvad.model": "padim", "cvad.backbone": "mobilenetv2_100", "cvad.strategy": "finetune", "cvad.trial": "9"}
+    run = tracker.start_trial(parent, "one task", config, tags | {"cvad.dataset": "builtin", "cvad.schema": "2"})
+    tracker.log_metrics(run, {"pixel_f1": 0.99, "image_f1": 0.99, "memory_mb": 0.01, "gflops": 0.01}, step=0)
+    tracker.end_trial(run, "FINISHED")  # would top any front, but it learned one task, not two
+    return uri
+
+
+def test_stream_selector_filters_every_view(two_streams, monkeypatch):
+    trials = load_trials(two_streams)
+    sweep_stream, lone = streams(trials)
+    assert [len(of_stream(trials, s)) for s in (sweep_stream, lone)] == [4, 1]
+    at = app(two_streams, monkeypatch)
+    assert not at.exception
+    selector = at.selectbox(key="stream")
+    assert selector.options == [f"{sweep_stream.describe()} (4 trial(s))", "builtin: 1 task (brick) (1 trial(s))"]
+    assert selector.value == sweep_stream  # the stream with the most trials
+    assert at.success[0].value == recommend(of_stream(trials, sweep_stream)).summary()
+    assert len(at.dataframe[-1].value) == 4  # the runs table
+    selector.select(lone).run()
+    assert not at.exception
+    assert at.success[0].value == recommend(of_stream(trials, lone)).summary()
+    assert len(at.dataframe[-1].value) == 1 and len(at.get("plotly_chart")) == 3
+
+
 def test_empty_and_unreachable_stores_explain_what_to_run(tmp_path, monkeypatch):
     at = app(f"sqlite:///{tmp_path / 'missing.db'}", monkeypatch)
     assert not at.exception and "cvad sweep" in at.info[0].value
@@ -161,7 +204,15 @@ def test_in_a_real_browser(store, tmp_path):
         trials = load_trials(store)
         budget = round(float(trials["memory_mb"].min()) + 0.005, 2)
         expected = recommend(trials, "pixel_f1", Budget(max_mb=budget)).picks.loc[0, "name"]
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ]
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
             page = browser.new_page(viewport={"width": 1500, "height": 1000})

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
-from torch.utils.data import DataLoader
 
+import support
 from cvad.backbones import FeatureExtractor, taps
 from cvad.backbones.weights import RandomWeightsWarning
-from cvad.data.builtin import BuiltinOptions, render_image
 from cvad.efficiency import count_gflops, memory_footprint
-from cvad.models.base import ImageBatches, Task
-from cvad.models.components.training import TrainingDivergedError
 from cvad.models.dinomaly import Dinomaly, LinearAttention
-
-SIZE = 64
-TINY = "deit_tiny_patch16_224"
+from support import SIZE, task_of
+from support import VIT as TINY
 
 
 @pytest.fixture(autouse=True)
@@ -32,18 +27,7 @@ def quiet_random_weights():
 
 def build(seed: int = 0, backbone: str = TINY, image_size: int = SIZE, **params) -> Dinomaly:
     torch.manual_seed(0)  # the random encoder comes from the global RNG, as a trial seeds it
-    return Dinomaly(Dinomaly.Params(**params), backbone=backbone, weights="random", image_size=image_size, seed=seed)
-
-
-def builtin_images(n: int, size: int = SIZE) -> torch.Tensor:
-    """Defect-free hex nuts from the built-in generator, uint8 [n, 3, S, S]."""
-    options = BuiltinOptions(resolution=size, categories=("hex_nut",))
-    pixels = np.stack([render_image(options, "hex_nut", "train", "good", i).image for i in range(n)])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
-
-
-def task_of(images: torch.Tensor, batch_size: int = 4) -> Task:
-    return Task(0, "hex_nut", ImageBatches(DataLoader([{"image": im} for im in images], batch_size=batch_size)))
+    return support.build("dinomaly", backbone, seed=seed, image_size=image_size, weights="random", **params)
 
 
 @pytest.fixture(scope="module")
@@ -145,32 +129,14 @@ def test_gflops_count_the_whole_path(trained):
         assert report.by_operator.get(op, 0) > 0, op  # encoder attention, decoder linear attention, scoring, blur
 
 
-def test_same_seed_same_scores_and_the_seed_matters(nuts):
-    images = nuts[:2].float() / 255
-    scores = []
-    for seed in (0, 0, 1):
-        model = build(seed=seed, epochs=1)
-        model.fit_task(task_of(nuts[:4]))
-        with torch.no_grad():
-            scores.append(model(images).image_scores)
-    assert torch.equal(scores[0], scores[1])
-    assert not torch.equal(scores[0], scores[2])
-
-
-def test_nan_image_stops_training():
-    images = torch.zeros(2, 3, SIZE, SIZE)
-    images[0, 0, 0, 0] = float("nan")
-    task = Task(0, "broken", ImageBatches([{"image": images}]))
-    with pytest.raises(TrainingDivergedError, match="dinomaly: the training loss became nan"):
-        build(epochs=1).fit_task(task)
-
-
 def test_random_encoder_is_flagged():
     assert build().weights.pretrained is False
 
 
 def test_dinov2_registers_are_prefix_tokens():
-    model = build(backbone="vit_small_patch14_reg4_dinov2", image_size=56, decoder_blocks=2, decoder_groups=((1,), (0,)))
+    model = build(
+        backbone="vit_small_patch14_reg4_dinov2", image_size=56, decoder_blocks=2, decoder_groups=((1,), (0,))
+    )
     assert model.prefix_tokens == 5  # class token + 4 registers, carried through the decoder, not scored
     with torch.no_grad():
         out = model(torch.rand(2, 3, 56, 56))

@@ -16,14 +16,25 @@ COMPOSE = shutil.which("docker-compose")
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
 
 
+def filled_env(tmp_path: Path) -> str:
+    """docker/.env.example with its secrets set, as a user would."""
+    text = (DOCKER / ".env.example").read_text()
+    text = text.replace("POSTGRES_PASSWORD=\n", "POSTGRES_PASSWORD=pg-3f9c2a81\n").replace(
+        "RAY_AUTH_TOKEN=\n", "RAY_AUTH_TOKEN=ray-77d0e4b2\n"
+    )
+    env = tmp_path / "filled.env"
+    env.write_text(text)
+    return str(env)
+
+
 def compose_config(*env_file: str) -> subprocess.CompletedProcess:
     args = [COMPOSE, "-f", str(DOCKER / "compose.yaml"), *(("--env-file", env_file[0]) if env_file else ()), "config"]
     return subprocess.run(args, capture_output=True, text=True, cwd=DOCKER.parent)
 
 
 @pytest.mark.skipif(COMPOSE is None, reason="docker-compose is not installed (Debian package docker-compose)")
-def test_compose_file_resolves_to_the_whole_stack():
-    result = compose_config(str(DOCKER / ".env.example"))
+def test_compose_file_resolves_to_the_whole_stack(tmp_path):
+    result = compose_config(filled_env(tmp_path))
     assert result.returncode == 0, result.stderr
     stack = yaml.safe_load(result.stdout)
     services = stack["services"]
@@ -43,15 +54,26 @@ def test_compose_file_resolves_to_the_whole_stack():
 
 
 @pytest.mark.skipif(COMPOSE is None, reason="docker-compose is not installed (Debian package docker-compose)")
-def test_credentials_come_only_from_the_env_file(tmp_path):
-    text = (DOCKER / "compose.yaml").read_text()
-    example = dict(line.split("=", 1) for line in (DOCKER / ".env.example").read_text().splitlines() if re.match(r"^[A-Z_]+=", line))
-    for key in ("POSTGRES_PASSWORD", "RAY_AUTH_TOKEN"):
-        assert example[key] not in text
-    empty = tmp_path / "empty.env"
-    empty.write_text("")
-    result = compose_config(str(empty))
-    assert result.returncode != 0 and "set it in docker/.env" in result.stderr
+def test_credentials_come_only_from_the_env_file_and_stay_off_command_lines(tmp_path):
+    example = dict(
+        line.split("=", 1)
+        for line in (DOCKER / ".env.example").read_text().splitlines()
+        if re.match(r"^[A-Z_]+=", line)
+    )
+    assert example["POSTGRES_PASSWORD"] == "" and example["RAY_AUTH_TOKEN"] == ""  # no placeholder that would work
+    for env in (str(DOCKER / ".env.example"), str(tmp_path / "empty.env")):  # the example unchanged, or nothing
+        Path(tmp_path / "empty.env").write_text("")
+        result = compose_config(env)
+        assert result.returncode != 0 and "set it in docker/.env" in result.stderr
+    result = compose_config(filled_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    for name, service in services.items():
+        command = service.get("command", "")
+        command = command if isinstance(command, str) else " ".join(command)
+        assert "pg-3f9c2a81" not in command and "ray-77d0e4b2" not in command, f"{name}'s command line holds a secret"
+    assert "pg-3f9c2a81" in services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert services["ray-worker"]["environment"]["RAY_AUTH_TOKEN"] == "ray-77d0e4b2"
 
 
 def test_dockerfile_passes_hadolint_and_runs_as_a_non_root_user():

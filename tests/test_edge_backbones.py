@@ -150,7 +150,13 @@ def test_mcunet_in3_stages_and_shapes() -> None:
     with torch.no_grad():
         maps = net.forward_stages(torch.zeros(2, 3, 176, 176))
         logits = net(torch.zeros(2, 3, 176, 176))
-    assert [tuple(m.shape) for m in maps] == [(2, 8, 88, 88), (2, 16, 44, 44), (2, 24, 22, 22), (2, 48, 11, 11), (2, 160, 6, 6)]
+    assert [tuple(m.shape) for m in maps] == [
+        (2, 8, 88, 88),
+        (2, 16, 44, 44),
+        (2, 24, 22, 22),
+        (2, 48, 11, 11),
+        (2, 160, 6, 6),
+    ]
     assert tuple(logits.shape) == (2, 1000)
 
 
@@ -184,7 +190,9 @@ def test_phinet_default_config_matches_micromind_published_complexity() -> None:
     features = PhiNet(alpha=0.2, beta=1.0, t_zero=6, num_stages=len(stages))  # no classifier, like include_top=False
     assert parameter_count(features) == PHINET_DEFAULT_PUBLISHED_PARAMS
     ops = macs_by_operator(features, 224)
-    bn_affine = sum(m.weight.numel() + m.bias.numel() for m in features.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn_affine = sum(
+        m.weight.numel() + m.bias.numel() for m in features.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    )
     assert ops["conv"] + bn_affine == PHINET_DEFAULT_PUBLISHED_MACS
 
 
@@ -207,7 +215,14 @@ def test_phinet_paper_variant_stages_and_shapes() -> None:
     with torch.no_grad():
         maps = net.forward_stages(torch.zeros(1, 3, 224, 224))
         logits = net(torch.zeros(1, 3, 224, 224))
-    assert [tuple(m.shape[1:]) for m in maps] == [(32, 112, 112), (32, 56, 56), (56, 28, 28), (112, 14, 14), (232, 7, 7), (464, 4, 4)]
+    assert [tuple(m.shape[1:]) for m in maps] == [
+        (32, 112, 112),
+        (32, 56, 56),
+        (56, 28, 28),
+        (112, 14, 14),
+        (232, 7, 7),
+        (464, 4, 4),
+    ]
     assert tuple(logits.shape) == (1, 1000)
 
 
@@ -225,7 +240,13 @@ def test_phinet_all_moviad_variants_build_with_consistent_stages() -> None:
 
 NETWORKS = {
     "mcunet-in3": (build_mcunet, mcunet_module, 176, MCUNET_IN3_REFERENCE_KEYS_SHA256, MCUNET_IN3_GOLDEN),
-    "phinet_1.2_0.5_6_downsampling": (build_phinet, phinet_module, 224, PHINET_PAPER_REFERENCE_KEYS_SHA256, PHINET_PAPER_GOLDEN),
+    "phinet_1.2_0.5_6_downsampling": (
+        build_phinet,
+        phinet_module,
+        224,
+        PHINET_PAPER_REFERENCE_KEYS_SHA256,
+        PHINET_PAPER_GOLDEN,
+    ),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -139,7 +139,9 @@ def test_sdpa_handle_equals_explicit_attention_with_masks(mask_dtype):
     assert fused_report.uncounted_ops == explicit_report.uncounted_ops == []
 
     rows = batch * heads * queries
-    expected = rows * key_dim + rows * keys * (key_dim + 3 + value_dim) + (rows * keys if mask_dtype is torch.float32 else 0)
+    expected = (
+        rows * key_dim + rows * keys * (key_dim + 3 + value_dim) + (rows * keys if mask_dtype is torch.float32 else 0)
+    )
     assert fused_report.by_operator == pytest.approx({"scaled_dot_product_attention": expected / 1e9})
     # The explicit version also inverts the boolean mask (an elementwise op on L*S elements).
     inverted_mask = queries * keys if mask_dtype is torch.bool else 0
@@ -394,9 +396,7 @@ def test_memory_counts_a_shared_tensor_once_in_the_first_part():
     teacher = nn.Linear(16, 16)
     student_head = nn.Linear(16, 4)
     shared = list(teacher.parameters())
-    report = memory_footprint(
-        {"teacher": shared, "student": [*shared, *student_head.parameters(), *shared]}
-    )
+    report = memory_footprint({"teacher": shared, "student": [*shared, *student_head.parameters(), *shared]})
     assert report.bytes_by_part == {"teacher": (16 * 16 + 16) * 4, "student": (16 * 4 + 4) * 4}
 
 
@@ -445,7 +445,8 @@ def test_a_spread_that_says_the_machine_was_busy_is_flagged():
 
 
 def test_batch_norm_is_free_after_a_convolution_only():
-    """A deployed model folds a batch norm into the convolution before it; one on its own costs a multiply-add per element."""
+    """A deployed model folds a batch norm into the convolution before it; one on its own costs a
+    multiply-add per element."""
     after_conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.BatchNorm2d(4)).eval()
     alone = torch.nn.Sequential(torch.nn.BatchNorm2d(3)).eval()
     assert count_gflops(after_conv, 8).gmacs * 1e9 == pytest.approx(8 * 8 * 4 * 3)  # the convolution's MACs only

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cvad.config import validate_config
@@ -60,6 +61,7 @@ def test_a_different_network_or_image_never_hits(tmp_path):
     assert calls == [] and reopened.loaded == 2
 
 
+@pytest.mark.slow
 def test_a_run_is_the_same_with_and_without_the_shared_cache(tmp_path):
     raw = {
         "dataset": {

@@ -14,7 +14,6 @@ from cvad.data.base import DatasetError, ImageDataset
 from cvad.data.mvtec import FolderDataset, MVTecAD
 from cvad.data.presets import MVTEC_AD_CATEGORIES, VISA_CATEGORIES
 from cvad.data.visa import VisA
-
 from layouts import VISA_MASK_CLASS_IDS, defect_box, make_mvtec_tree, make_visa_tree
 
 
@@ -60,19 +59,12 @@ def test_mvtec_reads_counts_labels_and_pairs_masks(tmp_path: Path) -> None:
     assert reader.categories() == ["bottle", "wood"]  # license.txt at the root is not a category
     split = reader.load("wood")
     assert split.name == "wood" and split.has_masks
-    assert len(split.train) == 3 and all(
-        s.label == 0 and s.defect == "good" and s.mask is None for s in split.train
-    )
+    assert len(split.train) == 3 and all(s.label == 0 and s.defect == "good" and s.mask is None for s in split.train)
     assert [s.image.name for s in split.train] == ["000.png", "001.png", "002.png"]
-    assert [(s.defect, s.label) for s in split.test] == [("good", 0)] * 2 + [("crack", 1)] * 2 + [
-        ("hole", 1)
-    ] * 2
+    assert [(s.defect, s.label) for s in split.test] == [("good", 0)] * 2 + [("crack", 1)] * 2 + [("hole", 1)] * 2
     for sample in split.test:
         if sample.label:
-            assert (
-                sample.mask
-                == root / "wood" / "ground_truth" / sample.defect / f"{sample.image.stem}_mask.png"
-            )
+            assert sample.mask == root / "wood" / "ground_truth" / sample.defect / f"{sample.image.stem}_mask.png"
         else:
             assert sample.mask is None
     assert split == MVTecAD(root).load("wood")  # deterministic
@@ -91,9 +83,7 @@ def test_mvtec_image_dataset_yields_aligned_images_and_masks(tmp_path: Path) -> 
     expected = torch.zeros(size, size, dtype=torch.bool)
     expected[rows, cols] = True
     assert torch.equal(item["mask"], expected)
-    assert (
-        item["image"][:, rows, cols].float().mean() < item["image"][:, 2 * size // 3 :, :].float().mean() / 3
-    )
+    assert item["image"][:, rows, cols].float().mean() < item["image"][:, 2 * size // 3 :, :].float().mean() / 3
     resized = ImageDataset(split.test, image_size=16)
     assert resized[1]["mask"][6, 6] and not resized[1]["mask"][14, 14]
     assert resized[0]["label"] == 0 and not resized[0]["mask"].any() and good.mask is None
@@ -224,9 +214,7 @@ def test_visa_accepts_other_split_file(tmp_path: Path) -> None:
     root = make_visa_tree(tmp_path, ("candle", "pcb1"), n_train=1, n_test_normal=1, n_anomaly=1)
     lines = (root / "split_csv" / "1cls.csv").read_text().splitlines()
     only_candle = tmp_path / "candle_only.csv"
-    only_candle.write_text(
-        "\n".join([lines[0]] + [line for line in lines[1:] if line.startswith("candle,")]) + "\n"
-    )
+    only_candle.write_text("\n".join([lines[0]] + [line for line in lines[1:] if line.startswith("candle,")]) + "\n")
     assert VisA(root, split_csv=only_candle).categories() == ["candle"]
 
 
@@ -329,3 +317,60 @@ def test_task_stream_from_config_uses_presets_and_names_missing_categories(tmp_p
     with pytest.raises(DatasetError) as info:
         load_task_stream(preset.dataset)
     assert "'cable'" in str(info.value) and str(root) in str(info.value)
+
+
+# --- files that are not what they seem -----------------------------------------------------
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    """A 16-bit PNG (Pillow mode I;16) reads as the 8-bit image it depicts, not all white."""
+    from cvad.data.base import read_rgb
+
+    ramp = (np.arange(64, dtype=np.uint16)[None, :] * 1040).repeat(8, axis=0)  # 0 .. 65520 across the width
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)  # uint16 -> mode I;16
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")
+    pixels = read_rgb(path, 64)[0, 4].to(torch.int32)
+    expected = torch.from_numpy(np.rint(ramp[4] / 257.0).astype(np.int32))
+    assert (pixels - expected).abs().max() <= 2  # a ramp, to resampling precision
+    assert pixels[0] <= 2 and pixels[-1] >= 250
+
+
+def mvtec_category(tmp_path: Path) -> Path:
+    return make_mvtec_tree(tmp_path, ("bottle",), n_train=2, n_test_good=1, defects=("crack",), n_defect=1) / "bottle"
+
+
+@pytest.mark.parametrize("where", ["train/good", "test/crack"])
+def test_a_corrupt_image_is_named_when_the_stream_is_listed(tmp_path: Path, where: str) -> None:
+    from cvad.config import DatasetConfig
+    from cvad.data import load_task_stream
+
+    category = mvtec_category(tmp_path)
+    broken = sorted((category / where).iterdir())[0]
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    with pytest.raises(DatasetError, match=f"{broken}.*cannot be read as an image"):
+        load_task_stream(DatasetConfig(name="mvtec", root=tmp_path, tasks=["bottle"]))
+
+
+def test_a_mask_of_another_size_is_refused(tmp_path: Path) -> None:
+    from cvad.config import DatasetConfig
+    from cvad.data import load_task_stream
+
+    category = mvtec_category(tmp_path)
+    mask = next((category / "ground_truth" / "crack").iterdir())
+    with Image.open(mask) as im:
+        im.resize((im.width // 2, im.height // 2)).save(mask)
+    with pytest.raises(DatasetError, match=f"mask {mask} is .* but its image .* must match its image"):
+        load_task_stream(DatasetConfig(name="mvtec", root=tmp_path, tasks=["bottle"]))
+
+
+def test_a_test_set_of_good_images_only_is_explained(tmp_path: Path) -> None:
+    from cvad.config import DatasetConfig
+    from cvad.data import load_task_stream
+
+    category = mvtec_category(tmp_path)
+    shutil.rmtree(category / "test" / "crack")
+    shutil.rmtree(category / "ground_truth")
+    with pytest.raises(DatasetError, match="test set of bottle holds only good images .* add defective test images"):
+        load_task_stream(DatasetConfig(name="folder", root=tmp_path, tasks=["bottle"]))

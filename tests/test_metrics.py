@@ -14,6 +14,7 @@ from cvad.metrics import (
     f1_max,
     final_average,
     forgetting,
+    forgetting_per_task,
     roc_auc,
 )
 
@@ -106,9 +107,7 @@ def test_non_finite_scores_are_rejected_everywhere(bad):
         with pytest.raises(ValueError, match="non-finite scores"):
             metric(scores, labels)
     with pytest.raises(ValueError, match="PixelMetrics.update.*non-finite scores"):
-        PixelMetrics().update(
-            torch.from_numpy(scores).reshape(1, 2, 2), torch.from_numpy(labels > 0).reshape(1, 2, 2)
-        )
+        PixelMetrics().update(torch.from_numpy(scores).reshape(1, 2, 2), torch.from_numpy(labels > 0).reshape(1, 2, 2))
     with pytest.raises(ValueError, match="ImageMetrics.update.*non-finite scores"):
         ImageMetrics().update(torch.from_numpy(scores), torch.from_numpy(labels))
 
@@ -282,6 +281,16 @@ def test_forgetting_skips_undefined_entries():
     assert forgetting(matrix) == pytest.approx(0.30)
     assert forgetting([[0.5, None], [None, 0.6]]) is None  # task 0's final value undefined
     assert forgetting([[0.9]]) is None  # a single task cannot forget
+
+
+def test_forgetting_per_task_is_what_forgetting_averages():
+    assert forgetting_per_task(MATRIX) == pytest.approx([0.30, -0.05])  # the dashboard's bars
+    assert forgetting_per_task([[None, None, None], [None, 0.70, None], [None, 0.40, 0.90]]) == [
+        None,
+        pytest.approx(0.30),
+    ]
+    assert forgetting_per_task([[0.9]]) == []
+    assert forgetting_per_task([]) == []
 
 
 def test_summaries_reject_nan_entries():

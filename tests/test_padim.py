@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from cvad.efficiency import memory_footprint
-from cvad.models import build_model
-from cvad.models.base import ImageBatches, Task
 from cvad.models.components.gaussian import (
     GaussianAccumulator,
     mahalanobis_diagonal,
@@ -17,8 +14,7 @@ from cvad.models.components.gaussian import (
     uniform_average,
     whitening_factor,
 )
-
-SIZE = 64
+from support import SIZE, build, image_task
 
 
 def stats_of(x: torch.Tensor, diagonal: bool = False, batch: int = 7):
@@ -73,16 +69,9 @@ def test_whitening_round_trip_and_mahalanobis():
     assert torch.allclose(mahalanobis_diagonal(query, stats.mean, var, 0.01), expected_diag)
 
 
-def image_task(index: int, n: int, brightness: int) -> Task:
-    g = torch.Generator().manual_seed(index)
-    images = (torch.rand(n, 3, SIZE, SIZE, generator=g) * 60 + brightness).to(torch.uint8)
-    samples = [{"image": im} for im in images]
-    return Task(index, f"t{index}", ImageBatches(DataLoader(samples, batch_size=4)))
-
-
 def padim(**params):
     params.setdefault("n_features", 12)
-    return build_model("padim", params, backbone="mobilenetv2_100", weights="imagenet", image_size=SIZE, seed=0)
+    return build("padim", **params)
 
 
 def test_unimodal_stream_equals_a_joint_fit_in_stored_float32():
@@ -94,7 +83,7 @@ def test_unimodal_stream_equals_a_joint_fit_in_stored_float32():
     acc = GaussianAccumulator(diagonal=False)
     for task in tasks:
         for images in task.train:
-            acc.add(joint.embed(images))
+            acc.add(joint.embed(images)[0])
     joint.store([acc.stats()])
     (a,), (b,) = stream.stored_modes(), joint.stored_modes()
     assert a.count == b.count == 17

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from cvad.config import ConfigError, validate_config
-from cvad.models import build_model
 from cvad.models.components.coreset import greedy_k_center, nearest
-from test_padim import SIZE, image_task
+from support import SIZE, build, image_task
 
 
 def brute_force_k_center(x: torch.Tensor, k: int, start: int) -> list[int]:
@@ -46,7 +45,7 @@ def test_nearest_matches_cdist_in_blocks(monkeypatch):
 
 
 def patchcore(**params):
-    return build_model("patchcore", params, backbone="mobilenetv2_100", weights="imagenet", image_size=SIZE, seed=0)
+    return build("patchcore", **params)
 
 
 def test_cl_bank_budget_after_each_task():
@@ -92,9 +91,9 @@ def test_cl_routes_by_the_lowest_image_score():
     queries = torch.cat([next(iter(image_task(20 + t, 1, 80 * t).train)) for t in range(3)])
     out = model(queries)
     per_bank = torch.stack([model.score_bank(model.features(queries)[0], bank)[1] for bank in model.banks])
-    assert torch.equal(model.routed_tasks, per_bank.argmin(dim=0))
+    assert torch.equal(out.routed_tasks, per_bank.argmin(dim=0))
     assert torch.equal(out.image_scores, per_bank.min(dim=0).values)
-    assert model.routed_tasks.tolist() == [0, 1, 2]
+    assert out.routed_tasks.tolist() == [0, 1, 2]
     assert out.anomaly_maps.shape == (3, SIZE, SIZE)
 
 

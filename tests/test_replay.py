@@ -37,7 +37,16 @@ def test_buffer_bytes_appear_in_memory_accounting():
 def test_same_seed_same_buffer_and_bad_capacity():
     a, b = ReplayBuffer(5, 8, seed=3), ReplayBuffer(5, 8, seed=3)
     for buf in (a, b):
-        buf.add_task([{"image": torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))} for i in range(20)])
+        buf.add_task(
+            [
+                {
+                    "image": torch.randint(
+                        0, 255, (3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(i)
+                    )
+                }
+                for i in range(20)
+            ]
+        )
     assert torch.equal(a.images, b.images)
     with pytest.raises(ValueError, match="at least 1"):
         ReplayBuffer(0, 8, seed=0)

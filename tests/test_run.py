@@ -40,12 +40,24 @@ def trial(cache_dir, **sections) -> dict:
     return run_trial(validate_config(tiny_config(cache_dir, **sections)))
 
 
+@pytest.mark.slow
 def test_cli_writes_a_complete_result(cache_dir, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(json.dumps(tiny_config(cache_dir, strategy={"name": "finetune"})))
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "cvad", "run", str(config), "--out", str(out), "--set", "seed=1", "measure_latency=true"],
+        [
+            sys.executable,
+            "-m",
+            "cvad",
+            "run",
+            str(config),
+            "--out",
+            str(out),
+            "--set",
+            "seed=1",
+            "measure_latency=true",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -66,12 +78,17 @@ def test_cli_writes_a_complete_result(cache_dir, tmp_path):
     efficiency = result["efficiency"]
     assert efficiency["memory_mb"] == pytest.approx(sum(efficiency["memory_breakdown_mb"].values()))
     assert efficiency["gflops"] > 0 and efficiency["latency_ms"] > 0 and not efficiency["uncounted_ops"]
-    assert efficiency["gflops"] == 2 * efficiency["gmacs"] and efficiency["memory_mb"] == efficiency["memory_bytes"] / 2**20
+    assert (
+        efficiency["gflops"] == 2 * efficiency["gmacs"]
+        and efficiency["memory_mb"] == efficiency["memory_bytes"] / 2**20
+    )
     assert result["schema"] == 2
     assert result["weights"]["kind"] == "imagenet" and result["weights"]["pretrained"]
     assert result["cvad_version"] and result["wall_seconds"]["total"] > 0
     assert (out / "config.yaml").exists()
-    again = subprocess.run([sys.executable, "-m", "cvad", "run", str(config), "--out", str(out)], capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "cvad", "run", str(config), "--out", str(out)], capture_output=True, text=True
+    )
     assert again.returncode == 2 and "already holds a result" in again.stderr
     assert json.loads((out / "result.json").read_text()) == result  # nothing recorded is lost
 
@@ -128,3 +145,59 @@ def test_bad_dataset_folder_is_a_clear_error(tmp_path):
 def test_help_is_useful():
     done = run_cli("run", "--help")
     assert done.returncode == 0 and "--set" in done.stdout and "result.json" in done.stdout
+
+
+# -- nothing lost: the record first, extras after, output folders checked before work --------
+
+
+@pytest.mark.slow
+def test_an_extra_that_cannot_be_written_is_a_warning_not_a_lost_run(cache_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "overlays").write_text("a file where the overlays folder would go")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps(tiny_config(cache_dir, strategy={"name": "joint"})))
+    done = run_cli("run", str(config), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "result.json").read_text())
+    assert record["final"]["pixel_f1"] is not None
+    assert len(record["warnings"]) == 1 and record["warnings"][0].startswith("overlays not written")
+    assert "WARNING: overlays not written" in done.stderr
+    assert not list(out.glob(".result.json.*"))  # no temporary file left behind
+
+
+def test_a_record_that_cannot_be_written_is_saved_elsewhere_and_named(tmp_path):
+    from cvad.trial import RecordWriteError, write_record
+
+    record = {"final": {"pixel_f1": 0.5}, "warnings": []}
+    target = tmp_path / "gone" / "result.json"  # its folder vanished: the write fails as on a full disk
+    with pytest.raises(RecordWriteError, match="it was saved to (.*json)") as caught:
+        write_record(target, record)
+    saved = caught.value.args[0].split("it was saved to ")[1].split(":")[0]
+    assert json.loads(open(saved).read()) == record
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_an_output_that_cannot_take_the_result_is_refused_before_any_work(cache_dir, tmp_path, kind):
+    out = tmp_path / "taken" if kind == "file" else "/proc/cvad-out"  # /proc refuses new folders, even to root
+    if kind == "file":
+        out.write_text("not a folder")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps(tiny_config(cache_dir)))
+    done = run_cli("run", str(config), "--out", str(out))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert ("is a file; give a folder" if kind == "file" else "cannot write into --out") in done.stderr
+    assert "training on" not in done.stdout
+
+
+def test_a_failed_overwrite_keeps_the_earlier_result_and_its_config(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result.json").write_text('{"earlier": true}')
+    (out / "config.yaml").write_text("earlier: true\n")
+    config = tmp_path / "mvtec.yaml"
+    config.write_text(f"dataset:\n  name: mvtec\n  root: {tmp_path / 'nowhere'}\n")
+    done = run_cli("run", str(config), "--out", str(out), "--overwrite")
+    assert done.returncode == 2 and "nowhere" in done.stderr
+    assert (out / "result.json").read_text() == '{"earlier": true}'
+    assert (out / "config.yaml").read_text() == "earlier: true\n"  # still the config of the result beside it

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
 import pytest
 
-from cvad.selection import Budget, SelectionError, display_name, load_trials, pareto_mask, project_to_tasks, recommend
+from cvad.selection import (
+    Budget,
+    SelectionError,
+    Stream,
+    display_name,
+    load_trials,
+    of_stream,
+    pareto_mask,
+    project_to_tasks,
+    recommend,
+    streams,
+)  # fmt: skip
+
+BRICK_GRASS = Stream("builtin", None, ("brick", "grass"))
 
 
-def trial(trial: int, model: str, pixel_f1, mb, gflops, status: str = "FINISHED", image_f1=0.9, **params) -> dict:
+def trial(
+    trial: int, model: str, pixel_f1, mb, gflops, status: str = "FINISHED", image_f1=0.9, stream=BRICK_GRASS, **params
+) -> dict:
     row = {
-        "run_id": f"r{trial}", "sweep": "s", "trial": trial, "status": status, "model": model, "backbone": "mobilenetv2_100",
-        "strategy": "replay" if "strategy.replay_size" in params else "finetune", "dataset": "builtin", "pretrained": True,
+        "run_id": f"r{trial}", "sweep": "s", "trial": trial, "status": status, "model": model,
+        "backbone": "mobilenetv2_100",
+        "strategy": "replay" if "strategy.replay_size" in params else "finetune", "dataset": stream.dataset,
+        "stream": stream, "pretrained": True,
         "error": None, "params": params, "pixel_f1": pixel_f1, "image_f1": image_f1, "pixel_auroc": None,
         "image_auroc": None, "memory_mb": mb, "gflops": gflops,
     }  # fmt: skip
@@ -28,9 +46,30 @@ def trials() -> pd.DataFrame:
             trial(0, "paste", 0.45, 16.9, 0.68, **{"strategy.replay_size": "100"}),
             trial(1, "paste", 0.44, 8.3, 0.68, **{"strategy.replay_size": "40"}),
             trial(2, "stfpm", 0.42, 19.8, 0.90, **{"strategy.replay_size": "100"}),  # dominated by trial 0
-            trial(3, "padim", 0.41, 46.7, 0.57, **{"model.params.covariance": "diagonal", "model.params.continual": "multimodal"}),
-            trial(4, "patchcore", 0.39, 31.0, 4.15, **{"model.params.continual": "cl++", "model.params.bank_size": "30000"}),
-            trial(5, "padim", 0.13, 3.1, 0.46, **{"model.params.covariance": "diagonal", "model.params.continual": "unimodal"}),
+            trial(
+                3,
+                "padim",
+                0.41,
+                46.7,
+                0.57,
+                **{"model.params.covariance": "diagonal", "model.params.continual": "multimodal"},
+            ),
+            trial(
+                4,
+                "patchcore",
+                0.39,
+                31.0,
+                4.15,
+                **{"model.params.continual": "cl++", "model.params.bank_size": "30000"},
+            ),
+            trial(
+                5,
+                "padim",
+                0.13,
+                3.1,
+                0.46,
+                **{"model.params.covariance": "diagonal", "model.params.continual": "unimodal"},
+            ),
             trial(6, "cfa", None, None, None, status="FAILED"),
             trial(7, "simplenet", float("nan"), 17.4, 1.2),  # diverged: NaN metric
             trial(8, "paste", 0.44, 8.3, 0.68, **{"strategy.replay_size": "40"}),  # a tie with trial 1
@@ -84,6 +123,111 @@ def test_json_records_are_plain(trials):
     records = recommend(trials, "pixel_f1", Budget(max_mb=20)).as_records()
     assert records[0]["trial"] == 0 and math.isclose(records[0]["pixel_f1"], 0.45)
     assert set(records[0]) >= {"name", "run_id", "memory_mb", "gflops", "why"}
+
+
+# -- task streams: trials on different datasets or task lists are never ranked together -----------------------------
+
+PARTS = Stream("folder", "/data/parts", ("bolt", "gear"))
+MORE_PARTS = Stream("folder", "/data/parts", ("bolt", "gear", "nut"))  # a category added to the folder, then --resume
+
+
+def test_trials_of_two_streams_are_never_on_one_front_or_ranking():
+    mixed = pd.DataFrame(
+        [
+            trial(0, "paste", 0.60, 10.0, 0.5, stream=PARTS),
+            trial(1, "padim", 0.40, 20.0, 0.9, stream=PARTS),  # dominated by trial 0 on its own stream
+            trial(2, "stfpm", 0.30, 30.0, 1.0, stream=MORE_PARTS),  # dominated by trial 0 across streams
+            trial(3, "cfa", None, None, None, status="FAILED", stream=MORE_PARTS),
+            trial(4, "padim", 0.50, 5.0, 0.4, stream=BRICK_GRASS),  # dominates trial 2, but on another dataset
+        ]
+    )
+    assert streams(mixed) == [PARTS, MORE_PARTS, BRICK_GRASS]  # most trials first, then by dataset and tasks
+    unrecorded = Stream("folder", "/d")  # never ranked (no trial of it has a record): listed last
+    assert streams(pd.DataFrame({"stream": [unrecorded, unrecorded, BRICK_GRASS]})) == [BRICK_GRASS, unrecorded]
+    for refused in (lambda: recommend(mixed), lambda: pareto_mask(mixed, "pixel_f1")):
+        with pytest.raises(SelectionError, match="3 task streams do not compare"):
+            refused()
+    ranked = {stream: recommend(of_stream(mixed, stream), "pixel_f1", Budget(max_mb=100)) for stream in streams(mixed)}
+    assert {s: list(r.picks["trial"]) for s, r in ranked.items()} == {PARTS: [0], MORE_PARTS: [2], BRICK_GRASS: [4]}
+    assert ranked[MORE_PARTS].stream == MORE_PARTS and ranked[MORE_PARTS].excluded["failed or unfinished"] == 1
+    assert MORE_PARTS.describe() == "folder /data/parts: 3 tasks (bolt, gear, nut)"
+    assert Stream("mvtec", None, tuple("abcd")).describe() == "mvtec: 4 tasks (a, b, c, ...)"
+
+
+def log_trial(
+    tracker, parent: str, number: int, dataset: dict, tasks: list[str] | None, pixel_f1: float, mb: float, **tags
+) -> None:
+    """A trial logged the way a sweep logs it, without a model: ``tasks`` None logs no record (a pruned trial)."""
+    config = {"dataset": dataset, "model": {"name": "paste", "params": {}}, "strategy": {"name": "finetune"}}
+    tags = {"cvad.model": "paste", "cvad.backbone": "mobilenetv2_100", "cvad.strategy": "finetune"} | tags
+    tags |= {"cvad.trial": str(number), "cvad.dataset": dataset["name"]}
+    run = tracker.start_trial(parent, f"t{number}", config, tags)
+    if tasks is not None:
+        record = {
+            "schema": 2, "config": config, "tasks": tasks, "matrices": {}, "weights": {"pretrained": True}, "final": {},
+            "efficiency": {
+                "memory_mb": mb, "memory_bytes": int(mb * 2**20), "gflops": 0.6, "gmacs": 0.3, "latency_ms": None,
+                "memory_breakdown_mb": {},
+            },
+            "wall_seconds": {"train": 1.0, "eval": 1.0, "total": 2.0},
+        }  # fmt: skip
+        tracker.log_metrics(run, {"pixel_f1": pixel_f1, "image_f1": 0.9}, step=len(tasks) - 1)
+        tracker.log_result(run, record, {})
+    tracker.end_trial(run, "FINISHED")
+
+
+@pytest.fixture(scope="module")
+def streams_store(tmp_path_factory) -> str:
+    """One sweep on a folder with ``tasks: all`` whose folder gained a category on resume, a trial that lists its
+    tasks, a pruned trial without a record, and a built-in sweep in the same store."""
+    from cvad.tracking import SweepTracker
+
+    root = tmp_path_factory.mktemp("streams")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    folder = {"name": "folder", "root": "/data/parts", "tasks": "all"}
+    tracker = SweepTracker(uri, "parts", artifact_root=root)
+    parent = tracker.start_sweep("parts", {}, {})
+    log_trial(tracker, parent, 0, folder, ["bolt", "gear"], 0.60, 10.0)  # tasks read back from result.json
+    log_trial(tracker, parent, 1, folder | {"tasks": ["bolt", "gear"]}, ["bolt", "gear"], 0.40, 20.0)  # from the params
+    log_trial(tracker, parent, 2, folder, ["bolt", "gear", "nut"], 0.30, 30.0)  # resumed after "nut" was added
+    log_trial(tracker, parent, 3, folder, None, 0.0, 0.0, **{"cvad.pruned": "over 1 MB"})  # its sweep ran two lists
+    tracker = SweepTracker(uri, "edge", artifact_root=root)
+    parent = tracker.start_sweep("edge", {}, {})
+    builtin = {"name": "builtin", "tasks": "all", "builtin": {"categories": ["brick", "grass"]}}
+    log_trial(tracker, parent, 0, builtin, ["brick", "grass"], 0.50, 5.0)
+    log_trial(tracker, parent, 1, builtin, None, 0.0, 0.0, **{"cvad.pruned": "over 1 MB"})  # its sweep ran one list
+    return uri
+
+
+def test_load_trials_reads_each_trials_stream_from_params_or_record(streams_store):
+    trials = load_trials(streams_store).set_index(["sweep", "trial"])
+    assert trials.loc[("parts", 0), "stream"] == trials.loc[("parts", 1), "stream"] == PARTS
+    assert trials.loc[("parts", 2), "stream"] == MORE_PARTS
+    assert trials.loc[("parts", 3), "stream"] == Stream("folder", "/data/parts", None)  # which of its sweep's lists?
+    assert trials.loc[("edge", 0), "stream"] == trials.loc[("edge", 1), "stream"] == BRICK_GRASS
+
+
+def test_cli_recommends_per_stream_or_the_one_chosen(streams_store):
+    from typer.testing import CliRunner
+
+    from cvad.cli import cli
+
+    args = ["recommend", "--tracking-uri", streams_store, "--max-mb", "100"]
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0, text.output
+    assert "4 task streams, each ranked on its own (rank one only: --stream N)" in text.stdout
+    assert "\nstream 1: builtin: 2 tasks (brick, grass), 2 trial(s)\n" in text.stdout  # a tie: by dataset name
+    assert "\nstream 4: folder /data/parts: tasks not recorded, 1 trial(s)\n" in text.stdout  # never ranked: last
+    answer = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)
+    by_tasks = {tuple(a["stream"]["tasks"] or ()): [p["trial"] for p in a["picks"]] for a in answer["streams"]}
+    assert by_tasks == {("bolt", "gear"): [0], ("brick", "grass"): [0], ("bolt", "gear", "nut"): [2], (): []}
+    one = json.loads(CliRunner().invoke(cli, [*args, "--json", "--stream", "1"]).stdout)
+    assert one["stream"] == {"dataset": "builtin", "root": None, "tasks": ["brick", "grass"], "number": 1}
+    assert one["excluded"]["pruned before training (priced over the sweep's budget)"] == 1
+    refused = CliRunner().invoke(cli, [*args, "--stream", "5"])
+    assert refused.exit_code == 2
+    assert "4 task stream(s), choose one of: 1. builtin: 2 tasks (brick, grass); 2. folder" in refused.output
+    assert "--stream" in CliRunner().invoke(cli, ["recommend", "--help"]).stdout
 
 
 # -- trials read back from a real MLflow store --------------------------------------------------------------------
@@ -160,3 +304,12 @@ def test_projection_reprices_each_configuration_and_keeps_one_that_no_longer_val
     stale = projected.loc[2]
     assert "retired_knob" in stale["projection_error"] and pd.isna(stale["projected_tasks"])
     assert stale["memory_mb"] == stale["measured_memory_mb"] == pytest.approx(price["memory_mb"])
+
+
+def test_every_registered_method_and_backbone_has_a_title():
+    from cvad.backbones import BACKBONES
+    from cvad.models import METHODS
+    from cvad.titles import BACKBONE_TITLES, METHOD_TITLES
+
+    assert sorted(METHOD_TITLES) == METHODS.names()
+    assert sorted(BACKBONE_TITLES) == BACKBONES.names()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import signal
 import subprocess
 import sys
@@ -17,32 +18,10 @@ from optuna.trial import TrialState
 from cvad.config import ConfigError
 from cvad.sweep.runner import SweepError, SweepOptions, SweepRunner
 from cvad.sweep.spec import SweepSpec, load_sweep
+from layouts import make_mvtec_tree
+from support import run_sweep, tiny_sweep
 
 CVAD = [sys.executable, "-m", "cvad"]
-
-
-def tiny_sweep(name: str, cache: Path, space: dict | None = None, **sweep) -> dict:
-    return {
-        "sweep": {"name": name, "objectives": ["maximize pixel_f1", "minimize memory_mb"], **sweep},
-        "dataset": {
-            "image_size": 48,
-            "batch_size": 8,
-            "cache_dir": str(cache),
-            "builtin": {
-                "categories": ["brick", "grass"],
-                "resolution": 48,
-                "train_per_category": 3,
-                "test_good_per_category": 2,
-                "test_defects_per_category": 2,
-            },
-        },
-        "measure_latency": False,
-        "space": space
-        or {
-            "strategy": [{"name": "finetune"}, {"name": "replay", "replay_size": [2]}],
-            "model": [{"name": "padim", "params": {"n_features": 8, "continual": ["unimodal", "multimodal"]}}],
-        },
-    }
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +41,23 @@ def study_of(store: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{store / 'optuna.db'}")
 
 
+def folder_dataset(root: Path, categories: tuple[str, ...] = ("cap", "nut"), truncated: bool = False) -> Path:
+    """A tiny dataset in the MVTec layout; ``truncated``: training images whose headers read but whose pixels do not."""
+    make_mvtec_tree(root, categories, n_train=3, n_test_good=2, n_defect=2, size=48)
+    if truncated:
+        for image in root.glob("*/train/good/*.png"):
+            image.write_bytes(
+                image.read_bytes()[:60]
+            )  # the PNG header and size survive: it fails only when a trial reads it
+    return root
+
+
+def folder_sweep(name: str, root: Path, space: dict | None = None) -> dict:
+    raw = tiny_sweep(name, root.parent, space=space or {"model": {"name": "padim", "params": {"n_features": 8}}})
+    raw["dataset"] = {"name": "folder", "root": str(root), "image_size": 48, "batch_size": 8}
+    return raw
+
+
 # -- sweep files ------------------------------------------------------------------------------
 
 
@@ -74,7 +70,10 @@ def test_conditional_grid_has_only_the_parameters_of_each_branch(cache):
             "strategy": [{"name": "finetune"}, {"name": "replay", "replay_size": [40, 100]}],
             "model": [
                 {"name": "padim", "params": {"continual": ["unimodal", "multimodal"]}},
-                {"name": "patchcore", "params": {"continual": "cl++", "bank_size": {"int": [1000, 3000], "step": 1000}}},
+                {
+                    "name": "patchcore",
+                    "params": {"continual": "cl++", "bank_size": {"int": [1000, 3000], "step": 1000}},
+                },
             ],
         },
     )
@@ -117,6 +116,15 @@ def test_whole_config_branches_give_each_method_its_own_backbones(cache):
         ({"space": {"model": {"params": {"bank_size": {"int": [10, 1]}}}}}, "low must not exceed high"),
         ({"space": {"model": {"params": {"lr": {"float": [0.001, 0.1]}}}}}, "grid sampler needs finite values"),
         ({"space": {"model": {"params": {"lr": {"float": [0, 1], "log": True}}}}}, "log scale needs low > 0"),
+        (
+            {"space": {"model": {"params": {"bank_size": {"int": [1, 4], "step": 0.5}}}}},
+            "an int parameter's step must be a positive whole number (got 0.5)",
+        ),
+        (
+            {"space": {"model": {"params": {"bank_size": {"int": [1000, 2500], "step": 1000}}}}},
+            "steps of 1000 from 1000 never land on 2500; make high - low a multiple of the step (e.g. [1000, 2000])",
+        ),
+        ({"space": {"model": {"params": {"lr": {"float": [0.1, 0.5], "step": 0.3}}}}}, "never land on 0.5"),
         ({"space": {"strategy": [{"name": "replay"}, "finetune"]}}, "mixes mappings"),
         (
             {"space": {"model": [{"name": "padim"}, {"name": "patchcore", "params": {"bank_sise": [10]}}]}},
@@ -170,7 +178,9 @@ def test_paper_grid_trains_with_each_methods_published_schedule(tmp_path):
 def test_extends_merges_mappings_and_replaces_the_rest(tmp_path, cache):
     base = tiny_sweep("base", cache)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"extends": "base.yaml", "dataset": {"image_size": 64}, "space": {"seed": [1, 2]}}))
+    (tmp_path / "child.yaml").write_text(
+        yaml.safe_dump({"extends": "base.yaml", "dataset": {"image_size": 64}, "space": {"seed": [1, 2]}})
+    )
     spec = load_sweep(tmp_path / "child.yaml")
     assert spec.name == "child"  # never the base's study
     assert spec.fixed["dataset"]["image_size"] == 64 and spec.fixed["dataset"]["batch_size"] == 8
@@ -181,6 +191,7 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path, cache):
         load_sweep(tmp_path / "loop.yaml")
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_grid(tmp_path, cache):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(tiny_sweep("dry", cache)))
@@ -193,15 +204,15 @@ def test_dry_run_prints_the_grid(tmp_path, cache):
 # -- running sweeps -----------------------------------------------------------------------------
 
 
-def run_sweep(raw: dict, store: Path, **options) -> object:
-    spec = SweepSpec(copy.deepcopy(raw))
-    return SweepRunner(spec, SweepOptions(store_dir=store, **options), printer=lambda line: None).run()
-
-
 def trial_configs(runs) -> list[str]:
-    return sorted(r.data.tags["mlflow.runName"][4:] for r in runs if r.data.tags.get("cvad.role") == "trial" and r.info.status == "FINISHED")
+    return sorted(
+        r.data.tags["mlflow.runName"][4:]
+        for r in runs
+        if r.data.tags.get("cvad.role") == "trial" and r.info.status == "FINISHED"
+    )
 
 
+@pytest.mark.slow
 def test_grid_sweep_records_every_trial_in_mlflow_and_optuna(tmp_path, cache):
     raw = tiny_sweep("grid-run", cache)
     outcome = run_sweep(raw, tmp_path)
@@ -225,6 +236,10 @@ def test_grid_sweep_records_every_trial_in_mlflow_and_optuna(tmp_path, cache):
         assert {"result.json", "config.yaml", "matrices", "overlays"} <= artifacts
         overlays = [a.path for a in client.list_artifacts(run.info.run_id, "overlays")]
         assert len(overlays) == 4 and all(p.endswith(".png") for p in overlays)
+        assert yaml.safe_load(run.data.params["dataset.tasks"]) == [
+            "brick",
+            "grass",
+        ]  # 'all', pinned to the concrete list
         trial = next(t for t in complete if t.user_attrs["mlflow_run_id"] == run.info.run_id)
         assert trial.values[0] == pytest.approx(run.data.metrics["pixel_f1"])
         assert trial.values[1] == pytest.approx(run.data.metrics["memory_mb"])
@@ -235,27 +250,93 @@ def test_grid_sweep_records_every_trial_in_mlflow_and_optuna(tmp_path, cache):
         run_sweep(raw, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path, cache):
     raw = tiny_sweep(
         "with-failure",
         cache,
         space={
             "model": {"name": "padim", "params": {"n_features": 8}},
-            # A folder dataset whose root is missing fails inside the worker, at data loading.
-            "dataset": [{"name": "builtin"}, {"name": "folder", "root": str(tmp_path / "missing")}],
+            # Its training images list fine (headers) but fail inside the worker, when a trial reads their pixels.
+            "dataset": [
+                {"name": "builtin"},
+                {"name": "folder", "root": str(folder_dataset(tmp_path / "broken", truncated=True))},
+            ],
         },
     )
     outcome = run_sweep(raw, tmp_path)
     assert (outcome.completed, outcome.failed) == (1, 1)
+    assert not outcome.all_failed
+    assert outcome.failure_summary().startswith(
+        "1 of 2 trials failed; the most common error, in 1 of them:\n  OSError: image file is truncated"
+    )
     _, runs = mlflow_runs(tmp_path, "with-failure")
     status = {r.data.tags["cvad.dataset"]: r for r in runs if r.data.tags.get("cvad.role") == "trial"}
     assert status["builtin"].info.status == "FINISHED"
     assert status["folder"].info.status == "FAILED"
-    assert "missing" in status["folder"].data.tags["cvad.error"]
+    assert "truncated" in status["folder"].data.tags["cvad.error"]
     (failed,) = study_of(tmp_path, "with-failure").get_trials(states=(TrialState.FAIL,))
-    assert "DatasetError" in failed.user_attrs["error"]
+    assert failed.user_attrs["error"].startswith("OSError: image file is truncated")
 
 
+@pytest.mark.slow
+def test_a_sweep_whose_every_trial_failed_exits_1_with_the_most_common_error(tmp_path, cache):
+    from typer.testing import CliRunner
+
+    from cvad.cli import cli
+
+    root = folder_dataset(tmp_path / "broken", truncated=True)
+    path = tmp_path / "all-fail.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            folder_sweep("all-fail", root, space={"model": {"name": "padim", "params": {"n_features": [4, 8]}}})
+        )
+    )
+    result = CliRunner().invoke(
+        cli, ["sweep", str(path), "--store", str(tmp_path / "store")]
+    )  # in-process: the tests' Ray
+    assert result.exit_code == 1, result.output
+    assert "0 trial(s) completed, 2 failed" in result.output
+    assert (
+        "every trial failed (2); the most common error, in 2 of them:\n  OSError: image file is truncated"
+        in result.output
+    )
+
+
+@pytest.mark.slow
+def test_a_bad_dataset_root_is_refused_before_anything_is_created_and_tasks_are_pinned(tmp_path):
+    root = tmp_path / "data"
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(folder_sweep("typo", tmp_path / "dtaa")))  # the typo
+    store = tmp_path / "store"
+    result = subprocess.run([*CVAD, "sweep", str(path), "--store", str(store)], capture_output=True, text=True)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"the dataset section 'folder' at {tmp_path / 'dtaa'} (tasks: all) cannot be read" in result.stderr
+    assert "does not exist" in result.stderr and "nothing was started" in result.stderr
+    assert "Ray:" not in result.stdout  # Ray never started
+    assert not (store / "optuna.db").exists() or "typo" not in optuna.study.get_all_study_names(
+        f"sqlite:///{store / 'optuna.db'}"
+    )
+    assert not (store / "mlflow.db").exists()  # no experiment either
+
+    fixed = folder_sweep("typo", folder_dataset(root))  # the same name, now a fresh sweep
+    assert run_sweep(fixed, store).completed == 1
+    study = study_of(store, "typo")
+    (pinned,) = study.user_attrs["tasks"].values()  # tasks: all, resolved once and pinned
+    assert pinned == ["cap", "nut"]
+    _, runs = mlflow_runs(store, "typo")
+    (trial,) = [r for r in runs if r.data.tags.get("cvad.role") == "trial"]
+    assert yaml.safe_load(trial.data.params["dataset.tasks"]) == ["cap", "nut"]
+
+    folder_dataset(root, ("cap", "nut", "zip"))  # a category added, then --resume
+    with pytest.raises(
+        SweepError, match=r"now has cap, nut, zip \(added: zip\).*new sweep name.*restore the dataset folder"
+    ):
+        run_sweep(fixed, store, resume=True)
+    assert len(study_of(store, "typo").get_trials()) == 1  # nothing ran on the other task list
+
+
+@pytest.mark.slow
 def test_configurations_over_budget_are_pruned_before_training(tmp_path, cache):
     from cvad.cost import price_config
 
@@ -283,6 +364,7 @@ def test_configurations_over_budget_are_pruned_before_training(tmp_path, cache):
     assert recommend(trials).excluded["pruned before training (priced over the sweep's budget)"] == 1
 
 
+@pytest.mark.slow
 def test_resume_runs_each_configuration_exactly_once(tmp_path, cache):
     raw = tiny_sweep("resumable", cache)
     first = run_sweep(raw, tmp_path, n_trials=2)
@@ -300,6 +382,7 @@ def test_resume_runs_each_configuration_exactly_once(tmp_path, cache):
     assert len(configs) == len(set(configs)) == 4
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resume_reruns_only_the_interrupted(tmp_path, cache):
     raw = tiny_sweep(
         "interrupted",
@@ -315,7 +398,9 @@ def test_ctrl_c_stops_cleanly_and_resume_reruns_only_the_interrupted(tmp_path, c
     store = tmp_path / "store"
     log = tmp_path / "sweep.log"  # a file, not a pipe: Ray's own processes may hold a pipe open after the driver exits
     with log.open("w") as sink:
-        process = subprocess.Popen([*CVAD, "sweep", str(path), "--store", str(store)], stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [*CVAD, "sweep", str(path), "--store", str(store)], stdout=sink, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 300
         while "trial 1 started" not in log.read_text():  # interrupt while the second trial runs
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
@@ -325,7 +410,12 @@ def test_ctrl_c_stops_cleanly_and_resume_reruns_only_the_interrupted(tmp_path, c
     assert "--resume" in log.read_text()
     study = study_of(store, "interrupted")
     states = [t.state for t in study.get_trials()]
-    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING, TrialState.WAITING]  # the grid is queued
+    assert states == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.WAITING,
+        TrialState.WAITING,
+    ]  # the grid is queued
     assert study.get_trials()[1].user_attrs["interrupted"] is True
 
     outcome = run_sweep(raw, store, resume=True)
@@ -336,3 +426,61 @@ def test_ctrl_c_stops_cleanly_and_resume_reruns_only_the_interrupted(tmp_path, c
     assert len(configs) == len(set(configs)) == 4
     killed = [r for r in runs if r.info.status == "KILLED" and r.data.tags.get("cvad.role") == "trial"]
     assert len(killed) == 1  # the interrupted attempt stays visible, marked as such
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_with_sigkill_resumes_keeping_every_finished_trial(tmp_path, cache):
+    """No handler runs on SIGKILL: what the stores hold at that instant must be enough to resume."""
+    raw = tiny_sweep("killed", cache, resources={"cpus_per_trial": 2})  # one trial at a time
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    store = tmp_path / "store"
+    log = tmp_path / "sweep.log"
+    with log.open("w") as sink:
+        # Its own session: the kill takes the driver and the local Ray it started, as a power cut would.
+        process = subprocess.Popen(
+            [*CVAD, "sweep", str(path), "--store", str(store)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 300
+        while "trial 0 done" not in log.read_text():  # recorded, while trial 1 runs
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert "trial 1 started" in log.read_text()
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    trials = study_of(store, "killed").get_trials()
+    kept = {t.number: t.user_attrs["mlflow_run_id"] for t in trials if t.state == TrialState.COMPLETE}
+    cut = {t.user_attrs["mlflow_run_id"] for t in trials if t.state == TrialState.RUNNING}
+    assert 0 in kept and cut, [(t.number, t.state) for t in trials]  # trial 0 recorded, another cut short
+
+    outcome = run_sweep(raw, store, resume=True)
+    assert (outcome.completed, outcome.failed) == (4, 0)
+    client, runs = mlflow_runs(store, "killed")
+    configs = trial_configs(runs)
+    assert len(configs) == len(set(configs)) == 4  # each configuration finished exactly once
+    resumed = study_of(store, "killed").get_trials()
+    for number, run_id in kept.items():  # every finished trial kept as it was, never rerun
+        assert (
+            resumed[number].user_attrs["mlflow_run_id"] == run_id and client.get_run(run_id).info.status == "FINISHED"
+        )
+    killed = {r.info.run_id for r in runs if r.info.status == "KILLED" and r.data.tags.get("cvad.role") == "trial"}
+    assert killed == cut  # exactly the attempts the kill cut short, marked as such
+
+    # Killed between writing MLflow and telling Optuna: the FINISHED run's record is read back, nothing reruns.
+    from cvad.sweep.spec import objective_values
+    from cvad.tracking import SweepTracker
+
+    runner = SweepRunner(SweepSpec(copy.deepcopy(raw)), SweepOptions(store_dir=store), printer=lambda line: None)
+    tracker = SweepTracker(runner.options.resolved_tracking_uri(), "killed")
+    record = tracker.finished_record(kept[0])
+    stale = optuna.create_study(
+        study_name="stale", storage=f"sqlite:///{store / 'optuna.db'}", directions=["maximize", "minimize"]
+    )
+    trial = stale.ask()
+    trial.set_user_attr("mlflow_run_id", kept[0])
+    runner.recover_stale(stale, tracker)
+    (recovered,) = stale.get_trials()
+    assert recovered.state == TrialState.COMPLETE and recovered.values == objective_values(runner.spec, record)

@@ -7,6 +7,7 @@ import torch
 
 from cvad.models.base import Task
 from cvad.models.components.training import TrainingParams, make_optimizer, train_loop, update_budget
+from cvad.progress import TrainPass
 
 
 def task_with(batches: int, tasks_covered: int = 1) -> Task:
@@ -14,17 +15,28 @@ def task_with(batches: int, tasks_covered: int = 1) -> Task:
     return Task(index=0, name="t", train=images, tasks_covered=tasks_covered)
 
 
-def run(task: Task, **params) -> int:
+class Learner(torch.nn.Module):
+    """The least a method needs for the loop: a name, training params and a trained weight."""
+
+    name = "learner"
+
+    def __init__(self, params: TrainingParams) -> None:
+        super().__init__()
+        self.params = params
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+
+def run(task: Task, on_update=None, **params) -> int:
     """Updates the loop makes under ``params``."""
-    weight = torch.nn.Parameter(torch.zeros(1))
-    settings = TrainingParams(**params)
+    learner = Learner(TrainingParams(**params))
     updates = []
 
     def loss_of(images: torch.Tensor) -> torch.Tensor:
-        updates.append(1)
-        return (weight - images.mean()) ** 2
+        updates.append(learner.training)
+        return (learner.weight - images.mean()) ** 2
 
-    train_loop(task, settings, make_optimizer(settings, [weight]), loss_of, method="test")
+    train_loop(learner, task, make_optimizer(learner.params, [learner.weight]), loss_of, on_update)
+    assert all(updates) and not learner.training  # training mode inside the loop only
     return len(updates)
 
 
@@ -45,6 +57,13 @@ def test_epochs_count_passes_and_replace_the_default_steps():
 def test_each_pass_reports_its_mean_loss():
     events = []
     task = task_with(batches=4)
-    task.report = lambda event, info: events.append(info)
+    task.report = events.append
     run(task, steps=10)
-    assert [e["epoch"] for e in events] == [1, 2, 3] and all(e["epochs"] == 3 for e in events)  # 4 + 4 + 2 updates
+    assert all(isinstance(e, TrainPass) for e in events)
+    assert [e.number for e in events] == [1, 2, 3] and all(e.passes == 3 for e in events)  # 4 + 4 + 2 updates
+
+
+def test_the_schedule_hook_sees_every_update_before_it_runs():
+    seen = []
+    assert run(task_with(batches=3), on_update=lambda update, total: seen.append((update, total)), steps=5) == 5
+    assert seen == [(0, 5), (1, 5), (2, 5), (3, 5), (4, 5)]

@@ -9,9 +9,9 @@ configurations tap blocks inside a stage) and keeps only the blocks up to the de
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache, partial
-from typing import Callable
+from functools import cache, partial
 
 import timm
 import torch
@@ -151,10 +151,14 @@ def cnn_blocks(name: str, net: nn.Module) -> list[tuple[str, nn.Module]]:
     """
     if isinstance(net, StagedNetwork):
         blocks = [("stem", net.stem)]
-        return blocks + [(f"stages.{s}.{j}", block) for s, stage in enumerate(net.stages) for j, block in enumerate(stage)]
+        return blocks + [
+            (f"stages.{s}.{j}", block) for s, stage in enumerate(net.stages) for j, block in enumerate(stage)
+        ]
     if all(hasattr(net, attr) for attr in ("conv_stem", "bn1", "blocks")):  # timm's EfficientNet family
         blocks = [("stem", nn.Sequential(net.conv_stem, net.bn1))]
-        return blocks + [(f"blocks.{i}.{j}", block) for i, group in enumerate(net.blocks) for j, block in enumerate(group)]
+        return blocks + [
+            (f"blocks.{i}.{j}", block) for i, group in enumerate(net.blocks) for j, block in enumerate(group)
+        ]
     if all(hasattr(net, attr) for attr in ("conv1", "bn1", "act1", "maxpool", "layer1")):  # timm's ResNet family
         blocks = [("stem", nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool))]
         layers = [f"layer{i}" for i in range(1, 5) if hasattr(net, f"layer{i}")]
@@ -168,7 +172,7 @@ def _build_full(spec: BackboneSpec) -> nn.Module:
     return spec.build_custom(num_stages=None)
 
 
-@lru_cache(maxsize=None)
+@cache
 def taps(name: str) -> tuple[Tap, ...]:
     """Every block of a backbone a method can tap, in execution order, with its channels and stride.
 
@@ -257,7 +261,7 @@ class FeatureExtractor(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "FeatureExtractor":
+    def train(self, mode: bool = True) -> FeatureExtractor:
         # Frozen: batch-norm statistics must never drift while a method trains around it.
         return super().train(False)
 

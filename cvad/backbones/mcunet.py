@@ -23,8 +23,8 @@ where block ``i`` is the ``j``-th block of stage ``s``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -96,10 +96,23 @@ MCUNET_VARIANTS: dict[str, MCUNetVariant] = {
             16,
             [
                 (8, 3, 1, 1),
-                (16, 7, 2, 3), (16, 3, 1, 5), (16, 7, 1, 5), (16, 5, 1, 4),
-                (24, 5, 2, 5), (24, 5, 1, 5), (24, 5, 1, 5),
-                (40, 3, 2, 5), (40, 7, 1, 6), (40, 5, 1, 4), (48, 5, 1, 5), (48, 7, 1, 5), (48, 3, 1, 5),
-                (96, 3, 2, 6), (96, 7, 1, 5), (96, 3, 1, 4), (160, 7, 1, 5),
+                (16, 7, 2, 3),
+                (16, 3, 1, 5),
+                (16, 7, 1, 5),
+                (16, 5, 1, 4),
+                (24, 5, 2, 5),
+                (24, 5, 1, 5),
+                (24, 5, 1, 5),
+                (40, 3, 2, 5),
+                (40, 7, 1, 6),
+                (40, 5, 1, 4),
+                (48, 5, 1, 5),
+                (48, 7, 1, 5),
+                (48, 3, 1, 5),
+                (96, 3, 2, 6),
+                (96, 7, 1, 5),
+                (96, 3, 1, 4),
+                (160, 7, 1, 5),
             ],
         ),
         resolution=176,
@@ -114,9 +127,13 @@ MCUNET_VARIANTS: dict[str, MCUNetVariant] = {
 class ConvBNAct(nn.Sequential):
     """Conv (no bias) -> BatchNorm -> optional ReLU6, with 'same' padding for odd kernels."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1, act: bool = True) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1, act: bool = True
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False
+        )
         self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS)
         if act:
             self.act = nn.ReLU6(inplace=True)
@@ -165,7 +182,10 @@ class MCUNet(StagedNetwork):
         super().__init__()
         stage_specs = split_into_stages(blocks)
         if num_stages is not None and not 1 <= num_stages <= len(stage_specs):
-            raise ValueError(f"num_stages={num_stages} is out of range: this MCUNet has {len(stage_specs)} stages (give 1..{len(stage_specs)}, or None for the full classifier)")
+            raise ValueError(
+                f"num_stages={num_stages} is out of range: this MCUNet has {len(stage_specs)} stages "
+                f"(give 1..{len(stage_specs)}, or None for the full classifier)"
+            )
         built = stage_specs if num_stages is None else stage_specs[:num_stages]
         self.stem = ConvBNAct(3, stem_channels, 3, stride=2)
         self.stages = nn.ModuleList(nn.Sequential(*(InvertedResidual(spec) for spec in specs)) for specs in built)
@@ -213,7 +233,12 @@ def reference_key_map(model: MCUNet) -> dict[str, str]:
             mapping[key] = ".".join(["classifier", "linear", *parts[1:]])
         else:  # stages.{s}.{j}.{layer}.{conv|bn}.{tensor}
             s, j, layer = int(parts[1]), int(parts[2]), parts[3]
-            original = [f"blocks.{block_index[(s, j)]}", "mobile_inverted_conv", _REFERENCE_LAYER_NAMES[layer], *parts[4:]]
+            original = [
+                f"blocks.{block_index[(s, j)]}",
+                "mobile_inverted_conv",
+                _REFERENCE_LAYER_NAMES[layer],
+                *parts[4:],
+            ]
             mapping[key] = ".".join(original)
     return mapping
 
@@ -226,4 +251,6 @@ def load_reference_state_dict(model: MCUNet, state_dict: Mapping[str, torch.Tens
     are skipped for a truncated one (they belong to stages that were not built).
     ``num_batches_tracked`` counters may be absent (older PyTorch checkpoints).
     """
-    load_renamed(model, state_dict, reference_key_map(model), truncated=model.classifier is None, origin="MCUNet checkpoint")
+    load_renamed(
+        model, state_dict, reference_key_map(model), truncated=model.classifier is None, origin="MCUNet checkpoint"
+    )

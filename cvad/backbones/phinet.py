@@ -30,8 +30,8 @@ block of stage ``s``; :func:`reference_key_map` lists every pair.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,12 +114,18 @@ class PhiNetVariant:
 PHINET_VARIANTS: dict[str, PhiNetVariant] = {
     v.name: v
     for v in (
-        PhiNetVariant("phinet_1.2_0.5_6_downsampling", 1.2, 0.5, 6, 7, (4, 5, 7), checkpoint="new_phinet_divisor8_v2_downsampl.pt"),
+        PhiNetVariant(
+            "phinet_1.2_0.5_6_downsampling", 1.2, 0.5, 6, 7, (4, 5, 7), checkpoint="new_phinet_divisor8_v2_downsampl.pt"
+        ),
         PhiNetVariant("phinet_2.3_0.75_5", 2.3, 0.75, 5, 7, (5, 7), checkpoint="new_phinet_small_71.pth.tar"),
-        PhiNetVariant("phinet_0.8_0.75_8_downsampling", 0.8, 0.75, 8, 7, (4, 5, 7), checkpoint="new_phinet_divisor8_v3.pth.tar"),
+        PhiNetVariant(
+            "phinet_0.8_0.75_8_downsampling", 0.8, 0.75, 8, 7, (4, 5, 7), checkpoint="new_phinet_divisor8_v3.pth.tar"
+        ),
         PhiNetVariant("phinet_1.3_0.5_7_downsampling", 1.3, 0.5, 7, 7, (4, 5, 7), checkpoint="phinet_13057DS.pth.tar"),
         PhiNetVariant("phinet_0.9_0.5_4_downsampling", 0.9, 0.5, 4, 7, (4, 5, 7), checkpoint="phinet_09054DS.pth.tar"),
-        PhiNetVariant("phinet_0.9_0.5_4_downsampling_deep", 0.9, 0.5, 4, 9, (4, 5, 7), checkpoint="phinet_09054DSDE.pth.tar"),
+        PhiNetVariant(
+            "phinet_0.9_0.5_4_downsampling_deep", 0.9, 0.5, 4, 9, (4, 5, 7), checkpoint="phinet_09054DSDE.pth.tar"
+        ),
     )
 }
 
@@ -204,7 +210,14 @@ class ConvBN(nn.Sequential):
     """Conv (no bias) -> BatchNorm -> optional activation."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0, groups: int = 1, act: nn.Module | None = None
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        act: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
@@ -234,11 +247,17 @@ class PhiNetBlock(nn.Module):
         super().__init__()
         self.residual = spec.residual
         mid = spec.expanded_channels or spec.in_channels
-        self.expand = ConvBN(spec.in_channels, mid, kernel_size=1, act=activation(h_swish)) if spec.expanded_channels else None
+        self.expand = (
+            ConvBN(spec.in_channels, mid, kernel_size=1, act=activation(h_swish)) if spec.expanded_channels else None
+        )
         self.dropout = nn.Dropout2d(dropout)
         # micromind pads stride-2 depthwise convs by 1 on each side too (not TF 'same').
-        self.depthwise = ConvBN(mid, mid, kernel_size=3, stride=spec.stride, padding=1, groups=mid, act=activation(h_swish))
-        self.se = SqueezeExcite(mid, make_divisible(max(1, int(mid / 6)), divisor), h_swish) if spec.squeeze_excite else None
+        self.depthwise = ConvBN(
+            mid, mid, kernel_size=3, stride=spec.stride, padding=1, groups=mid, act=activation(h_swish)
+        )
+        self.se = (
+            SqueezeExcite(mid, make_divisible(max(1, int(mid / 6)), divisor), h_swish) if spec.squeeze_excite else None
+        )
         self.project = ConvBN(mid, spec.out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,15 +313,23 @@ class PhiNet(StagedNetwork):
             raise ValueError(f"PhiNet needs num_layers >= 4 (its first 4 blocks are fixed), got {num_layers}")
         wrong = [layer for layer in downsampling_layers if not 4 <= layer <= num_layers]
         if wrong:
-            raise ValueError(f"downsampling_layers {list(downsampling_layers)}: {wrong} are not block ids of this PhiNet (4..{num_layers})")
-        stem_channels, blocks = phinet_blocks(alpha, beta, t_zero, num_layers, downsampling_layers, divisor, squeeze_excite, residuals)
+            raise ValueError(
+                f"downsampling_layers {list(downsampling_layers)}: {wrong} "
+                f"are not block ids of this PhiNet (4..{num_layers})"
+            )
+        stem_channels, blocks = phinet_blocks(
+            alpha, beta, t_zero, num_layers, downsampling_layers, divisor, squeeze_excite, residuals
+        )
         stage_specs: list[list[PhiNetBlockSpec]] = [[]]
         for spec in blocks:
             if spec.stride == 2 and stage_specs[-1]:
                 stage_specs.append([])
             stage_specs[-1].append(spec)
         if num_stages is not None and not 1 <= num_stages <= len(stage_specs):
-            raise ValueError(f"num_stages={num_stages} is out of range: this PhiNet has {len(stage_specs)} stages (give 1..{len(stage_specs)}, or None for the full classifier)")
+            raise ValueError(
+                f"num_stages={num_stages} is out of range: this PhiNet has {len(stage_specs)} stages "
+                f"(give 1..{len(stage_specs)}, or None for the full classifier)"
+            )
         built = stage_specs if num_stages is None else stage_specs[:num_stages]
         self.stem = Stem(stem_channels, h_swish)
         self.stages = nn.ModuleList(
@@ -326,7 +353,11 @@ def build_phinet(variant: str = "phinet_1.2_0.5_6_downsampling", **kwargs) -> Ph
 
 def reference_key_map(model: PhiNet) -> dict[str, str]:
     """Our state-dict key -> the key of the same tensor in micromind 0.2.1's PhiNet."""
-    prefixes = {"stem.depthwise": "_layers.1._layers.0", "stem.pointwise": "_layers.1._layers.1", "stem.bn": "_layers.1._layers.2"}
+    prefixes = {
+        "stem.depthwise": "_layers.1._layers.0",
+        "stem.pointwise": "_layers.1._layers.1",
+        "stem.bn": "_layers.1._layers.2",
+    }
     if model.classifier is not None:
         prefixes["classifier"] = "classifier.2"
     block_number = 2  # micromind's _layers: [0] stem padding, [1] stem conv, [2..] blocks
@@ -344,4 +375,6 @@ def reference_key_map(model: PhiNet) -> dict[str, str]:
 
 def load_reference_state_dict(model: PhiNet, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Load a micromind/moviad PhiNet checkpoint into ``model`` (see :func:`cvad.backbones.weights.load_renamed`)."""
-    load_renamed(model, state_dict, reference_key_map(model), truncated=model.classifier is None, origin="PhiNet checkpoint")
+    load_renamed(
+        model, state_dict, reference_key_map(model), truncated=model.classifier is None, origin="PhiNet checkpoint"
+    )

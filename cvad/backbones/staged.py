@@ -38,6 +38,7 @@ class StagedNetwork(nn.Module):
         """ImageNet logits; only the full network (``num_stages=None``) has a classifier."""
         if self.classifier is None:
             raise RuntimeError(
-                f"this {type(self).__name__} was built with num_stages={len(self.stages)} and has no classifier; call forward_stages()"
+                f"this {type(self).__name__} was built with num_stages={len(self.stages)} "
+                "and has no classifier; call forward_stages()"
             )
         return self.classifier(self.forward_stages(x)[-1].mean(dim=(2, 3)))

@@ -16,12 +16,12 @@ import logging
 import os
 import socket
 import warnings
-from urllib.parse import urlparse
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -111,7 +111,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise WeightsError(f"cannot read weights file {path}: {exc}. Give a PyTorch checkpoint (.pth/.pt) holding a state dict.") from exc
+        raise WeightsError(
+            f"cannot read weights file {path}: {exc}. Give a PyTorch checkpoint (.pth/.pt) holding a state dict."
+        ) from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -137,7 +139,9 @@ def map_by_order(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.
     mapped = {}
     for (src_key, src_val), (dst_key, dst_val) in zip(src, dst):
         if src_val.shape != dst_val.shape:
-            raise WeightsError(f"checkpoint tensor {src_key} {tuple(src_val.shape)} does not fit {dst_key} {tuple(dst_val.shape)}")
+            raise WeightsError(
+                f"checkpoint tensor {src_key} {tuple(src_val.shape)} does not fit {dst_key} {tuple(dst_val.shape)}"
+            )
         mapped[dst_key] = src_val
     return mapped
 
@@ -153,27 +157,41 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str) 
         raise WeightsError(f"{origin} lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
     for key, value in direct.items():
         if own[key].shape != value.shape:
-            raise WeightsError(f"{origin}: tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
+            raise WeightsError(
+                f"{origin}: tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+            )
     model.load_state_dict(direct, strict=False)
 
 
-def load_renamed(model: nn.Module, state_dict: Mapping[str, torch.Tensor], key_map: Mapping[str, str], truncated: bool, origin: str) -> None:
-    """Load ``state_dict`` whose keys are ``key_map``'s values into the model keys ``key_map``'s keys, checking shapes."""
+def load_renamed(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], key_map: Mapping[str, str], truncated: bool, origin: str
+) -> None:
+    """Load ``state_dict`` whose keys are ``key_map``'s values into the model keys ``key_map``'s keys,
+    checking shapes."""
     own = model.state_dict()
     missing = [ref for ours, ref in key_map.items() if ref not in state_dict and not is_step_counter(own[ours])]
     if missing:
-        raise KeyError(f"{origin} lacks {len(missing)} of the {len(key_map)} tensors this model needs, e.g. {missing[:3]}; is it the right variant?")
+        raise KeyError(
+            f"{origin} lacks {len(missing)} of the {len(key_map)} tensors this model needs, "
+            f"e.g. {missing[:3]}; is it the right variant?"
+        )
     expected = set(key_map.values())
     unexpected = [k for k in state_dict if k not in expected]
     if unexpected and not truncated:
-        raise KeyError(f"{origin} has {len(unexpected)} tensors this model has no place for, e.g. {unexpected[:3]}; is it the right variant?")
+        raise KeyError(
+            f"{origin} has {len(unexpected)} tensors this model has no place for, "
+            f"e.g. {unexpected[:3]}; is it the right variant?"
+        )
     renamed = {}
     for ours, ref in key_map.items():
         if ref not in state_dict:
             continue
         value = state_dict[ref]
         if value.shape != own[ours].shape:
-            raise ValueError(f"{origin}: tensor {ref} has shape {tuple(value.shape)}, the model expects {tuple(own[ours].shape)} for {ours}; is it the right variant?")
+            raise ValueError(
+                f"{origin}: tensor {ref} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(own[ours].shape)} for {ours}; is it the right variant?"
+            )
         renamed[ours] = value
     model.load_state_dict(renamed, strict=False)
 
@@ -227,7 +245,10 @@ def resolve_weights(
     if weights != "imagenet":
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise WeightsError(f"weights file {path} for backbone {backbone} does not exist; give 'imagenet', 'random' or the path of a .pth file")
+            raise WeightsError(
+                f"weights file {path} for backbone {backbone} does not exist; "
+                "give 'imagenet', 'random' or the path of a .pth file"
+            )
         reference_loader(model, read_state_dict(path))
         return WeightsInfo(requested=weights, kind="file", source=f"file:{path}", sha256=sha256_of(path))
 
@@ -242,18 +263,26 @@ def resolve_weights(
         torch.hub.download_url_to_file(download_url, str(user_file), progress=False)
     if user_file.is_file():
         reference_loader(model, read_state_dict(user_file))
-        return WeightsInfo(requested="imagenet", kind="imagenet", source=f"file:{user_file}", sha256=sha256_of(user_file))
+        return WeightsInfo(
+            requested="imagenet", kind="imagenet", source=f"file:{user_file}", sha256=sha256_of(user_file)
+        )
     for candidate in packaged:
         path = candidate.locate()
         if path is None:
             continue
         digest = sha256_of(path)
         if digest != candidate.sha256:
-            raise WeightsError(f"{path} (from package {candidate.package}) has sha256 {digest}, expected {candidate.sha256}; reinstall the package")
+            raise WeightsError(
+                f"{path} (from package {candidate.package}) has sha256 {digest}, "
+                f"expected {candidate.sha256}; reinstall the package"
+            )
         reference_loader(model, read_state_dict(path))
         return WeightsInfo(requested="imagenet", kind="imagenet", source=f"package:{candidate.package}", sha256=digest)
 
-    hints = [f"put a checkpoint at {user_file} (or set CVAD_WEIGHTS_DIR)", "give its path as `weights: /path/to/file.pth`"]
+    hints = [
+        f"put a checkpoint at {user_file} (or set CVAD_WEIGHTS_DIR)",
+        "give its path as `weights: /path/to/file.pth`",
+    ]
     if download_url:
         hints.insert(0, f"download {download_url} (cvad does so itself when online and HF_HUB_OFFLINE is unset)")
     if hub_id:

@@ -1,4 +1,4 @@
-"""The class-incremental protocol (methods.md section 1).
+"""The class-incremental protocol (docs/methods.md section 1).
 
 Tasks arrive in order; a strategy decides what the method trains on at each step;
 after each step the method is evaluated on every task seen so far, filling the
@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
+from cvad.continual.replay import ReplayBuffer
 from cvad.data.base import CategorySplit, ImageDataset
-from cvad.metrics import ImageMetrics, PixelMetrics
+from cvad.metrics import METRICS, ImageMetrics, PixelMetrics
 from cvad.models.base import AnomalyModel, ImageBatches, Task
 from cvad.models.components.frozen import FeatureStore
-from cvad.continual.replay import ReplayBuffer
+from cvad.progress import Listener, StepDone, TaskEvaluated, TrainStarted, ignore
 
-METRICS = ("image_f1", "image_auroc", "pixel_f1", "pixel_auroc", "routing_accuracy")
 StrategyName = Literal["finetune", "replay", "joint"]
-ProgressCallback = Callable[[str, dict], None]
 
 
 @dataclass
@@ -63,13 +62,16 @@ def train_batches(dataset, settings: LoaderSettings, step: int) -> ImageBatches:
 
 
 @torch.inference_mode()
-def evaluate(model: AnomalyModel, split: CategorySplit, settings: LoaderSettings, task_index: int | None = None) -> dict[str, float | None]:
+def evaluate(
+    model: AnomalyModel, split: CategorySplit, settings: LoaderSettings, task_index: int | None = None
+) -> dict[str, float | None]:
     """Image and pixel metrics of ``model`` on one task's test set; pixel ones None without masks.
 
     With ``task_index``, a method that routes images to tasks also gets ``routing_accuracy``.
     """
     loader = DataLoader(ImageDataset(split.test, settings.image_size), batch_size=settings.eval_batch_size)
     image_metrics, pixel_metrics = ImageMetrics(), PixelMetrics()
+    model.eval()
     routed_right = routed = 0
     for batch in loader:
         images = batch["image"].to(settings.device).float().div_(255.0)
@@ -77,8 +79,8 @@ def evaluate(model: AnomalyModel, split: CategorySplit, settings: LoaderSettings
         image_metrics.update(output.image_scores.cpu(), batch["label"])
         if split.has_masks:
             pixel_metrics.update(output.anomaly_maps.cpu(), batch["mask"])
-        if task_index is not None and model.routed_tasks is not None:
-            routed_right += int((model.routed_tasks.cpu() == task_index).sum())
+        if task_index is not None and output.routed_tasks is not None:
+            routed_right += int((output.routed_tasks.cpu() == task_index).sum())
             routed += len(images)
     result = image_metrics.compute()
     result.update(pixel_metrics.compute() if split.has_masks else {"pixel_f1": None, "pixel_auroc": None})
@@ -93,7 +95,7 @@ def run_continual(
     strategy: StrategyName,
     settings: LoaderSettings,
     replay_size: int | None = None,
-    progress: ProgressCallback | None = None,
+    progress: Listener = ignore,
     features: FeatureStore | None = None,
 ) -> ProtocolResult:
     """Train ``model`` along the stream under ``strategy`` and evaluate after each step.
@@ -101,7 +103,6 @@ def run_continual(
     ``features`` keeps frozen networks' outputs per training image across the steps (default:
     a store of this run's alone).
     """
-    notify = progress or (lambda event, info: None)
     features = features or FeatureStore()
     names = [s.name for s in splits]
     T = len(splits)
@@ -120,12 +121,10 @@ def run_continual(
         if result.replay is not None and len(result.replay):
             dataset = ConcatDataset([dataset, result.replay])
         label = "+".join(names[i] for i in task_ids)
-        notify("train_start", {"step": row, "task": label, "images": len(dataset)})
+        progress(TrainStarted(row, label, len(dataset)))
         started = time.perf_counter()
-        model.train()
         batches = train_batches(dataset, settings, row)
-        model.fit_task(Task(row, label, batches, report=notify, tasks_covered=len(task_ids), features=features))
-        model.eval()
+        model.fit_task(Task(row, label, batches, report=progress, tasks_covered=len(task_ids), features=features))
         trained = time.perf_counter() - started
         if result.replay is not None:
             result.replay.add_task(train_sets[row])
@@ -136,7 +135,7 @@ def run_continual(
             scores = evaluate(model, splits[j], settings, task_index=None if strategy == "joint" else j)
             for metric in METRICS:
                 matrices[metric][row][j] = scores[metric]
-            notify("evaluated", {"step": row, "task": names[j], "metrics": scores})
+            progress(TaskEvaluated(row, names[j], scores))
         record = StepRecord(
             step=row,
             trained_on=label,
@@ -146,5 +145,5 @@ def run_continual(
             replay_per_task=result.replay.counts() if result.replay is not None else None,
         )
         result.steps.append(record)
-        notify("step_done", {"step": row, "steps": len(steps), "tasks": names, "record": record, "matrices": matrices})
+        progress(StepDone(row, len(steps), names, record, matrices))
     return result

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
-from cvad.data.base import CategorySplit, DatasetError, ImageDataset, Sample
+from cvad.data.base import CategorySplit, DatasetError, ImageDataset, Sample, check_split
 from cvad.data.presets import TASK_PRESETS
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ class DatasetSource(Protocol):
     def load(self, category: str) -> CategorySplit: ...
 
 
-def open_dataset(config: "DatasetConfig", progress: Callable[[str], None] | None = None) -> DatasetSource:
+def open_dataset(config: DatasetConfig, progress: Callable[[str], None] | None = None) -> DatasetSource:
     """The source a dataset config names (the built-in one is generated on first use)."""
     if config.name == "builtin":
         from cvad.data.builtin import BuiltinDataset
@@ -32,7 +33,7 @@ def open_dataset(config: "DatasetConfig", progress: Callable[[str], None] | None
     return MVTecAD(config.root) if config.name == "mvtec" else FolderDataset(config.root)
 
 
-def load_task_stream(config: "DatasetConfig", progress: Callable[[str], None] | None = None) -> list[CategorySplit]:
+def load_task_stream(config: DatasetConfig, progress: Callable[[str], None] | None = None) -> list[CategorySplit]:
     """The configured categories, in task order, each checked and read."""
     source = open_dataset(config, progress)
     available = source.categories()
@@ -48,7 +49,18 @@ def load_task_stream(config: "DatasetConfig", progress: Callable[[str], None] | 
             f"dataset.tasks names categories {unknown} that dataset '{config.name}' does not have"
             f"{' at ' + str(config.root) if config.root else ''}; available: {', '.join(available)}"
         )
-    return [source.load(name) for name in names]
+    splits = [source.load(name) for name in names]
+    for split in splits:
+        check_split(split)
+    return splits
 
 
-__all__ = ["CategorySplit", "DatasetError", "DatasetSource", "ImageDataset", "Sample", "load_task_stream", "open_dataset"]
+__all__ = [
+    "CategorySplit",
+    "DatasetError",
+    "DatasetSource",
+    "ImageDataset",
+    "Sample",
+    "load_task_stream",
+    "open_dataset",
+]

@@ -35,22 +35,71 @@ class CategorySplit:
     has_masks: bool  # False: pixel metrics are unavailable for this category
 
 
+def header_size(path: Path, what: str) -> tuple[int, int]:
+    """Width and height from the file's header (pixels are not decoded); a DatasetError names a file
+    that is not an image."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"{what} {path} cannot be read as an image ({exc}); replace the file or remove it") from None
+
+
+def check_split(split: CategorySplit) -> None:
+    """Read every image and mask header of ``split`` before anything trains.
+
+    A corrupt file, a mask whose size is not its image's, or a test set with nothing to detect
+    is named now, with what to do, instead of failing (or silently skewing pixel metrics) later.
+    """
+    for sample in split.train:
+        header_size(sample.image, f"training image of {split.name}:")
+    for sample in split.test:
+        size = header_size(sample.image, f"test image of {split.name}:")
+        if sample.mask is not None:
+            mask_size = header_size(sample.mask, f"mask of {split.name}:")
+            if mask_size != size:
+                raise DatasetError(
+                    f"mask {sample.mask} is {mask_size[0]}x{mask_size[1]} px but its image {sample.image} is "
+                    f"{size[0]}x{size[1]} px; a mask must match its image pixel for pixel (fix or remove the pair)"
+                )
+    if split.test and not any(sample.label for sample in split.test):
+        raise DatasetError(
+            f"the test set of {split.name} holds only good images ({len(split.test)}), so no image or pixel metric "
+            f"can be measured on it; add defective test images (test/<defect type>/, with their masks) to {split.name}"
+        )
+
+
+def to_uint8(im: Image.Image) -> Image.Image:
+    """8 bits per channel, scaled from the file's own range: 16-bit and 32-bit integer images are not
+    clipped to white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8))
+    if im.mode == "F":
+        values = np.asarray(im).astype(np.float64)
+        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0  # floats in [0, 1], or already in 0..255
+        return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))
+    return im
+
+
 def read_rgb(path: Path, size: int) -> torch.Tensor:
-    """uint8 tensor [3, size, size]: the image resized with antialiasing."""
+    """uint8 tensor [3, size, size]: the image resized with antialiasing (any bit depth, scaled to 8 bits)."""
     with Image.open(path) as im:
-        im = im.convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=None)
+        im = to_uint8(im).convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=None)
         arr = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 def read_mask(path: Path | None, size: int) -> torch.Tensor:
-    """bool tensor [size, size]; an absent mask is all background."""
+    """bool tensor [size, size]; an absent mask is all background. Any non-zero value is a defect, at any bit depth."""
     if path is None:
         return torch.zeros(size, size, dtype=torch.bool)
     with Image.open(path) as im:
-        im = im.convert("L").resize((size, size), Image.NEAREST)
-        arr = np.asarray(im) > 0
-    return torch.from_numpy(arr.copy())
+        high_depth = im.mode.startswith("I") or im.mode == "F"  # 16/32-bit: class ids or levels that 8 bits would lose
+        defect = np.asarray(im) != 0 if high_depth else np.asarray(im.convert("L")) > 0
+    mask = Image.fromarray(defect.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    return torch.from_numpy(np.asarray(mask) > 0)
 
 
 class ImageDataset(Dataset):

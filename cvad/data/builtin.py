@@ -14,10 +14,11 @@ import json
 import shutil
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -104,7 +105,7 @@ class ObjectCategory:
         return Drawing(scene.image(), surface, scene)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _skimage_texture(name: str, crop_side: tuple[int, int]) -> TextureSource:
     from skimage import data
 
@@ -113,7 +114,7 @@ def _skimage_texture(name: str, crop_side: tuple[int, int]) -> TextureSource:
     return TextureSource(pixels, crop_side)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gimp_texture(path: Path) -> TextureSource:
     if not path.is_file():
         self_contained = [name for name, spec in BUILTIN_CATEGORIES.items() if spec.package is None]
@@ -223,9 +224,7 @@ class BuiltinOptions(BaseModel):
             raise ValueError(f"no categories given; choose from: {', '.join(BUILTIN_CATEGORIES)}")
         unknown = [c for c in categories if c not in BUILTIN_CATEGORIES]
         if unknown:
-            raise ValueError(
-                f"unknown built-in categories {unknown}; choose from: {', '.join(BUILTIN_CATEGORIES)}"
-            )
+            raise ValueError(f"unknown built-in categories {unknown}; choose from: {', '.join(BUILTIN_CATEGORIES)}")
         repeated = sorted({c for c in categories if categories.count(c) > 1})
         if repeated:
             raise ValueError(f"categories listed more than once: {repeated}")

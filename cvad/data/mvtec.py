@@ -22,9 +22,7 @@ MASK_SUFFIX = "_mask.png"
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name; hidden and non-image files are skipped."""
     return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
     )
 
 
@@ -85,9 +83,7 @@ class MVTecAD:
         """Good test images and (defect type, image) pairs, in folder then file-name order."""
         test_dir = folder / "test"
         if not test_dir.is_dir():
-            raise DatasetError(
-                f"missing folder {test_dir}: put test images in test/good/ and test/<defect type>/"
-            )
+            raise DatasetError(f"missing folder {test_dir}: put test images in test/good/ and test/<defect type>/")
         good: list[Path] = []
         defective: list[tuple[str, Path]] = []
         for sub in list_subfolders(test_dir):

@@ -283,9 +283,7 @@ def draw_screw(rng: np.random.Generator, size: int) -> ObjectScene:
     across = -dx * axis[1] + dy * axis[0]
     head_start, head_end, tip_start, tip_end = -0.30 * size, -0.22 * size, 0.20 * size, 0.30 * size
     shank = 0.038 * size
-    profile = np.where(
-        along < tip_start, shank, shank * np.clip((tip_end - along) / (tip_end - tip_start), 0.08, 1.0)
-    )
+    profile = np.where(along < tip_start, shank, shank * np.clip((tip_end - along) / (tip_end - tip_start), 0.08, 1.0))
     shaft_distance = np.maximum(np.abs(across) - profile, np.maximum(head_end - along, along - tip_end))
     head_half = 0.075 * size
     head_distance = np.maximum(np.abs(across) - head_half, np.maximum(head_start - along, along - head_end))
@@ -302,7 +300,7 @@ def draw_screw(rng: np.random.Generator, size: int) -> ObjectScene:
     threaded = (along > head_end + 0.03 * size).astype(np.float32)
     shade = (0.30 + 0.60 * diffuse) * (1 - 0.45 * threaded * thread)
     slot = on_head & (np.abs(along - (head_start + head_end) / 2) < 0.008 * size)
-    shade = np.where(slot, shade * 0.35, shade) + 0.12 * np.exp(-((along - head_end) / (0.006 * size)) ** 2)
+    shade = np.where(slot, shade * 0.35, shade) + 0.12 * np.exp(-(((along - head_end) / (0.006 * size)) ** 2))
     steel = np.array([0.92, 0.92, 0.90], dtype=np.float32)
     material = np.clip(shade[..., None] * steel, 0.0, 1.0).astype(np.float32)
     background = _shaded_background(rng, cover, (0.62, 0.63, 0.62), grain=0.05)

@@ -77,13 +77,10 @@ class VisA:
         for name, samples in (("train", train), ("test", test)):
             if not samples:
                 raise DatasetError(
-                    f"{self.split_csv}: category {category!r} has no {name} rows; "
-                    f"add rows with split={name} for it"
+                    f"{self.split_csv}: category {category!r} has no {name} rows; add rows with split={name} for it"
                 )
         by_path = attrgetter("image")
-        return CategorySplit(
-            category, tuple(sorted(train, key=by_path)), tuple(sorted(test, key=by_path)), True
-        )
+        return CategorySplit(category, tuple(sorted(train, key=by_path)), tuple(sorted(test, key=by_path)), True)
 
     def _read_split_csv(self) -> dict[str, list[SplitRow]]:
         rows: dict[str, list[SplitRow]] = defaultdict(list)
@@ -109,9 +106,7 @@ class VisA:
                         f"use one of {', '.join(LABELS)}"
                     )
                 rows[value["object"]].append(
-                    SplitRow(
-                        reader.line_num, value["split"], LABELS[value["label"]], value["image"], value["mask"]
-                    )
+                    SplitRow(reader.line_num, value["split"], LABELS[value["label"]], value["image"], value["mask"])
                 )
         return dict(rows)
 

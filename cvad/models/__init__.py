@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Task
+from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Setup, SetupError, Task
 from cvad.models.cfa import CFA
 from cvad.models.dinomaly import Dinomaly
 from cvad.models.padim import PaDiM
@@ -17,12 +17,12 @@ for method in (PaDiM, PatchCore, STFPM, PaSTe, SimpleNet, CFA, Dinomaly):
     METHODS.register(method.name)(method)
 
 
-def build_model(name: str, params: dict | MethodParams, *, backbone: str, weights: str, image_size: int, seed: int) -> AnomalyModel:
-    """Instantiate a registered method with validated parameters."""
+def build_model(name: str, params: dict | MethodParams, setup: Setup) -> AnomalyModel:
+    """Instantiate a registered method with validated parameters on ``setup``."""
     cls = METHODS.get(name)
     if not isinstance(params, MethodParams):
         params = cls.Params(**params)
-    return cls(params, backbone=backbone, weights=weights, image_size=image_size, seed=seed)
+    return cls(params, setup)
 
 
-__all__ = ["METHODS", "AnomalyModel", "AnomalyOutput", "MethodParams", "Task", "build_model"]
+__all__ = ["METHODS", "AnomalyModel", "AnomalyOutput", "MethodParams", "Setup", "SetupError", "Task", "build_model"]

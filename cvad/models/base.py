@@ -7,15 +7,19 @@ test images with its ``forward``; efficiency accounting reads ``stored_tensors``
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from cvad.backbones import FeatureExtractor, resolve_layers
 from cvad.backbones.weights import WeightsInfo
 from cvad.models.components.frozen import FeatureStore
+from cvad.progress import Listener, ignore
 
 
 class AnomalyOutput(NamedTuple):
@@ -23,6 +27,24 @@ class AnomalyOutput(NamedTuple):
 
     image_scores: torch.Tensor  # [B], higher = more anomalous
     anomaly_maps: torch.Tensor  # [B, S, S], at input resolution
+    # Methods that identify each image's task themselves (PatchCoreCL, CL++): the 0-based task
+    # index they routed each image to, [B]; the protocol scores routing accuracy with it.
+    routed_tasks: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every method is built from besides its own parameters (the run config's other sections)."""
+
+    backbone: str  # a registered backbone name
+    weights: str = "imagenet"  # imagenet | random | a checkpoint path
+    image_size: int = 224  # square input side, px
+    seed: int = 0
+    tasks: int | None = None  # tasks in the stream when known before the data is read (stored state may depend on it)
+
+
+class SetupError(ValueError):
+    """A method cannot be built on this backbone, image size or stream; the message says what to change."""
 
 
 class MethodParams(BaseModel):
@@ -66,19 +88,25 @@ class Task:
     index: int  # 0-based position in the stream
     name: str  # category name(s); "a+b+..." for a joint step
     train: ImageBatches  # this task's normal images (plus the replay buffer, if any)
-    # Progress hook for trained methods, e.g. report("train_epoch", {"epoch": 1, "loss": 0.3}).
-    report: Callable[[str, dict], None] = lambda event, info: None
+    report: Listener = ignore  # where trained methods report their passes (cvad.progress.TrainPass)
     tasks_covered: int = 1  # categories this step trains on: T for a joint step
     # Frozen networks' outputs per training image, kept across the steps of a run (and a sweep's runs).
     features: FeatureStore = field(default_factory=FeatureStore)
 
 
-class AnomalyModel(nn.Module):
-    """Fit a task, score images, report what must be stored.
+class AnomalyModel(nn.Module, ABC):
+    """The contract of an anomaly-detection method: fit a task, score images, report what it stores.
 
-    Subclasses set ``name`` and ``Params`` and implement the three methods below.
-    ``forward`` must be the whole deployed inference path (backbone, heads,
-    scoring, task routing), because GFLOPs are counted by tracing it.
+    A subclass sets ``name`` and ``Params`` and implements ``fit_task``, ``forward`` and
+    ``stored_tensors``; it may refine ``check_setup`` and ``shape_as_fitted``. It is built as
+    ``Method(params, setup)``. Rules the shared tests hold every method to:
+
+    - ``forward`` is the whole deployed inference path (backbone, heads, scoring, task routing):
+      GFLOPs are counted by tracing it, and it must not change the model's state;
+    - everything ``stored_tensors`` lists is a registered parameter or buffer, so ``.to()`` and
+      ``state_dict()`` carry the fitted state;
+    - the same seed and data give the same outputs; a non-finite training loss raises
+      ``TrainingDivergedError`` (the shared loop in ``components.training`` does both).
     """
 
     name: ClassVar[str]
@@ -87,9 +115,25 @@ class AnomalyModel(nn.Module):
     # and per backbone the settings the paper's efficiency figures imply (cvad.models.paper).
     PAPER_TRAINING: ClassVar[dict] = {}
     PAPER_CONFIG: ClassVar[dict[str, dict]] = {}
-    # Methods that identify the task of a test image themselves (PatchCoreCL, CL++) set this
-    # after each forward to the 0-based task index per image; the protocol scores routing.
-    routed_tasks: torch.Tensor | None = None
+
+    def __init__(self, params: MethodParams, setup: Setup) -> None:
+        super().__init__()
+        self.params = params
+        self.setup = setup
+
+    @classmethod
+    def check_setup(cls, params: MethodParams, setup: Setup) -> None:
+        """Raise :class:`SetupError` if ``params`` cannot work on ``setup``; run at config validation, before any data.
+
+        The base checks that the feature taps in ``params.layers`` exist on the backbone.
+        It builds nothing but a weightless description of the backbone (``cvad.backbones.taps``).
+        """
+        layers = getattr(params, "layers", None)
+        if layers is not None:
+            try:
+                resolve_layers(setup.backbone, tuple(layers))
+            except ValueError as exc:
+                raise SetupError(f"{cls.name}: model.params.layers: {exc}") from None
 
     @classmethod
     def paper_preset(cls, backbone: str, params: dict) -> dict:
@@ -101,21 +145,20 @@ class AnomalyModel(nn.Module):
             )
         return cls.PAPER_TRAINING | cls.PAPER_CONFIG.get(backbone, {})
 
+    @abstractmethod
     def fit_task(self, task: Task) -> None:
         """Learn ``task``, keeping whatever the method keeps of earlier tasks."""
-        raise NotImplementedError
 
+    @abstractmethod
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         """Score float images in [0, 1], shape [B, 3, S, S]."""
-        raise NotImplementedError
 
-    @property
-    def weights(self) -> WeightsInfo:
-        """Where the pretrained network's weights came from (recorded in every result).
+    @abstractmethod
+    def stored_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """Every tensor the deployed model stores, grouped by part (e.g. "backbone", "gaussians").
 
-        Methods keep their pretrained network as ``self.backbone``; others override this.
+        A tensor shared by two parts is counted once by the accounting.
         """
-        return self.backbone.weights
 
     def shape_as_fitted(self, tasks: int) -> None:
         """Hold placeholder tensors of the shapes this model stores after ``tasks`` tasks.
@@ -125,9 +168,41 @@ class AnomalyModel(nn.Module):
         its values. Methods whose stored state does not grow with tasks keep this default.
         """
 
-    def stored_tensors(self) -> dict[str, list[torch.Tensor]]:
-        """Every tensor the deployed model stores, grouped by part (e.g. "backbone", "gaussians").
+    @property
+    def weights(self) -> WeightsInfo:
+        """Where the pretrained network's weights came from (recorded in every result): the model's
+        feature extractor."""
+        extractor = next((m for m in self.modules() if isinstance(m, FeatureExtractor)), None)
+        if extractor is None:
+            raise TypeError(f"{type(self).__name__} holds no FeatureExtractor; override AnomalyModel.weights")
+        return extractor.weights
 
-        A tensor shared by two parts is counted once by the accounting.
-        """
-        raise NotImplementedError
+
+class TensorList(nn.Module):
+    """A list of tensors kept as buffers ("0", "1", ...), so ``.to()`` and ``state_dict()`` carry them.
+
+    For stored state whose count changes as tasks arrive (PatchCore's per-task banks).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def assign(self, tensors: list[torch.Tensor]) -> None:
+        """Replace the whole list."""
+        for index in range(self.count):
+            delattr(self, str(index))
+        for index, tensor in enumerate(tensors):
+            self.register_buffer(str(index), tensor)
+        self.count = len(tensors)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not -self.count <= index < self.count:
+            raise IndexError(f"index {index} out of range for {self.count} tensors")
+        return getattr(self, str(index % self.count))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (getattr(self, str(index)) for index in range(self.count))
+
+    def __len__(self) -> int:
+        return self.count

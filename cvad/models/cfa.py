@@ -1,11 +1,11 @@
-"""CFA: coupled-hypersphere feature adaptation (methods.md section 6).
+"""CFA: coupled-hypersphere feature adaptation (docs/methods.md section 6).
 
 Frozen backbone levels (strides 4, 8, 16) concatenated at the finest grid go through a
 trainable patch descriptor (CoordConv: the features plus two coordinate channels, then a 1×1
 convolution). The memory of normal features is the descriptor's output averaged per position
 over the task's training images (the original's initialisation), optionally compressed to
-every ``compression``-th entry by greedy k-center. Training pulls each adapted feature inside a
-hypersphere of radius r around its ``k`` nearest memory features and pushes its next ``j``
+positions / ``compression`` entries chosen by greedy k-center. Training pulls each adapted
+feature inside a hypersphere of radius r around its ``k`` nearest memory features and pushes its next ``j``
 (hard negatives) beyond r + α. Score per patch = the softmin-weighted distance to the nearest
 memory feature; the map is upsampled and blurred (σ = 4); image score = its maximum away from
 the border (``score_margin``, 16 px = 4 stride-4 cells): the backbone's zero padding makes the
@@ -22,7 +22,8 @@ therefore covers the latest task only. The memory is stored (part ``memory_bank`
 size is bounded: grid positions / ``compression`` entries.
 
 Defaults are a CPU-friendly schedule for the built-in data; ``PAPER_TRAINING`` is the
-original's (AdamW with AMSGrad, lr 1e-3, weight decay 5e-4, 30 epochs, batch 4).
+original's as far as the shared optimisers go (the original: AdamW with AMSGrad, lr 1e-3, weight
+decay 5e-4, 30 epochs, batch 4; cvad has no AMSGrad switch and the batch is ``dataset.batch_size``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pydantic import Field
 from torch import nn
 
 from cvad.backbones import FeatureExtractor, Layers
-from cvad.models.base import AnomalyModel, AnomalyOutput, Task, feature_layers
+from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, Task, feature_layers
 from cvad.models.components.coreset import greedy_k_center
 from cvad.models.components.frozen import FrozenOutputs, extractor_digest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
@@ -48,7 +49,9 @@ class CFAParams(TrainingParams):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     layers: Layers = feature_layers((4, 8, 16))
-    compression: int = Field(1, ge=1, description="keep 1 in this many memory entries (greedy k-center); 1 keeps every position")
+    compression: int = Field(
+        1, ge=1, description="keep 1 in this many memory entries (greedy k-center); 1 keeps every position"
+    )
     train_patches: int | None = Field(
         512, ge=1, description="patches per image drawn (seeded) for each update; null: every patch, as the original"
     )
@@ -79,20 +82,29 @@ class CoordConvDescriptor(nn.Module):
 class CFA(AnomalyModel):
     name = "cfa"
     Params = CFAParams
-    PAPER_TRAINING: ClassVar[dict] = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 5e-4, "epochs": 30, "k": 3, "j": 3}
-    PAPER_CONFIG: ClassVar[dict[str, dict]] = {backbone: {"layers": layers} for backbone, layers in DESCRIPTOR_LAYERS.items()}
+    PAPER_TRAINING: ClassVar[dict] = {
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 5e-4,
+        "epochs": 30,
+        "k": 3,
+        "j": 3,
+    }
+    PAPER_CONFIG: ClassVar[dict[str, dict]] = {
+        backbone: {"layers": layers} for backbone, layers in DESCRIPTOR_LAYERS.items()
+    }
 
-    def __init__(self, params: CFAParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
-        super().__init__()
-        self.params = params
-        self.seed = seed
-        self.backbone = FeatureExtractor(backbone, params.layers, weights)
+    params: CFAParams
+
+    def __init__(self, params: CFAParams, setup: Setup) -> None:
+        super().__init__(params, setup)
+        self.backbone = FeatureExtractor(setup.backbone, params.layers, setup.weights)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(setup.seed)
             self.descriptor = CoordConvDescriptor(sum(self.backbone.channels))
-        self.head = AnomalyMapHead(image_size, params.blur_sigma)
+        self.head = AnomalyMapHead(setup.image_size, params.blur_sigma)
         self.register_buffer("memory", torch.zeros(0))
-        self.sampler = torch.Generator().manual_seed(seed)
+        self.sampler = torch.Generator().manual_seed(setup.seed)
         self.loss_history: list[list[float]] = []
 
     def describe(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -113,7 +125,7 @@ class CFA(AnomalyModel):
         memory = total / count
         keep = self.memory_entries(len(memory))
         if keep < len(memory):
-            memory = memory.index_select(0, greedy_k_center(memory, keep, seed=self.seed, projection_dim=None))
+            memory = memory.index_select(0, greedy_k_center(memory, keep, seed=self.setup.seed, projection_dim=None))
         self.memory = memory.contiguous()
 
     @torch.no_grad()
@@ -152,7 +164,7 @@ class CFA(AnomalyModel):
             repel = (r2 - nearest[..., p.k :] + p.alpha).clamp(min=0).mean()
             return attract + repel
 
-        self.loss_history.append(train_loop(task, p, optimizer, loss_of, method=self.name))
+        self.loss_history.append(train_loop(self, task, optimizer, loss_of))
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if self.memory.numel() == 0:

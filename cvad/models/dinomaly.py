@@ -1,4 +1,4 @@
-"""Dinomaly and Tiny-Dinomaly (methods.md section 6; paper sections 3.3-3.4).
+"""Dinomaly and Tiny-Dinomaly (docs/methods.md section 6; paper sections 3.3-3.4).
 
 A frozen ViT encoder and a trained transformer decoder that reconstructs the encoder's
 middle-layer tokens (Guo et al., "Dinomaly: The Less Is More Philosophy in Multi-Class
@@ -48,10 +48,10 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from cvad.backbones import BACKBONES, FeatureExtractor, taps
-from cvad.models.base import AnomalyModel, AnomalyOutput, Task
-from cvad.models.components.maps import AnomalyMapHead
+from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, SetupError, Task
 from cvad.models.components.frozen import FrozenOutputs, network_digest
-from cvad.models.components.training import TrainingParams, make_optimizer, train_loop, update_budget
+from cvad.models.components.maps import AnomalyMapHead
+from cvad.models.components.training import TrainingParams, make_optimizer, train_loop
 
 Groups = tuple[tuple[int, ...], ...]
 MLP_RATIO = 4  # hidden width of the bottleneck and of every decoder MLP, in multiples of the token width
@@ -80,7 +80,8 @@ class DinomalyParams(TrainingParams):
     grad_clip: float | None = Field(0.1, gt=0, description="clip the gradient norm to this value; null: no clipping")
     encoder_groups: Groups = Field(
         ((2, 3, 4, 5), (6, 7, 8, 9)),
-        description="encoder blocks (0-based) averaged into each reconstruction target; all of them feed the bottleneck",
+        description="encoder blocks (0-based) averaged into each reconstruction target; "
+        "all of them feed the bottleneck",
     )
     decoder_blocks: int = Field(8, ge=1, description="linear-attention transformer blocks in the decoder")
     decoder_groups: Groups = Field(
@@ -89,10 +90,16 @@ class DinomalyParams(TrainingParams):
         "each encoder group, in the same order",
     )
     bottleneck_dropout: float = Field(0.2, ge=0, lt=1, description="dropout of the noisy bottleneck MLP")
-    hard_mining_fraction: float = Field(0.9, ge=0, lt=1, description="share of best-reconstructed tokens whose gradient is damped")
+    hard_mining_fraction: float = Field(
+        0.9, ge=0, lt=1, description="share of best-reconstructed tokens whose gradient is damped"
+    )
     hard_mining_factor: float = Field(0.1, ge=0, le=1, description="gradient multiplier of those easy tokens")
-    hard_mining_warmup: float = Field(0.1, ge=0, le=1, description="share of a task's steps over which the mined share ramps up from 0")
-    lr_warmup: float = Field(0.01, ge=0, lt=1, description="share of a task's steps with a linear learning-rate warm-up")
+    hard_mining_warmup: float = Field(
+        0.1, ge=0, le=1, description="share of a task's steps over which the mined share ramps up from 0"
+    )
+    lr_warmup: float = Field(
+        0.01, ge=0, lt=1, description="share of a task's steps with a linear learning-rate warm-up"
+    )
     lr_final_ratio: float = Field(0.1, ge=0, le=1, description="the cosine schedule ends at lr x this")
     score_top_ratio: float = Field(0.01, gt=0, le=1, description="image score = mean of this top share of map pixels")
     blur_sigma: float = Field(4.0, gt=0)
@@ -103,10 +110,11 @@ class DinomalyParams(TrainingParams):
         return _check_groups(groups)
 
     @model_validator(mode="after")
-    def decoder_groups_fit_decoder(self) -> "DinomalyParams":
+    def decoder_groups_fit_decoder(self) -> DinomalyParams:
         if len(self.decoder_groups) != len(self.encoder_groups):
             raise ValueError(
-                f"decoder_groups has {len(self.decoder_groups)} groups but encoder_groups has {len(self.encoder_groups)}; "
+                f"decoder_groups has {len(self.decoder_groups)} groups "
+                f"but encoder_groups has {len(self.encoder_groups)}; "
                 "each encoder group needs one decoder group that reconstructs it"
             )
         deepest = max(max(group) for group in self.decoder_groups)
@@ -200,12 +208,13 @@ def vit_backbones() -> list[str]:
 class Dinomaly(AnomalyModel):
     """Dinomaly / Tiny-Dinomaly: reconstruct a frozen ViT's middle-layer tokens with a linear-attention decoder.
 
-    Default schedule (CPU, built-in data, 224 px): AdamW, lr 2e-3 with 1 % warm-up and a
-    cosine decay to 2e-4, weight decay 1e-4, gradient-norm clip 0.1, 40 updates per task.
-    ``PAPER_TRAINING`` is the original's schedule for MVTec AD: StableAdamW (AMSGrad,
-    eps 1e-10), lr 2e-3, betas (0.9, 0.999), weight decay 1e-4, 100 warm-up iterations
-    then cosine to 2e-4, 10 000 iterations of batch 16, clip 0.1, images resized to 448
-    and centre-cropped to 392 (with DINOv2's patch 14: a 28 x 28 grid).
+    Default schedule (CPU, built-in data, 224 px): AdamW, lr 2e-3 with a 1 % warm-up (none at
+    the default 40 updates per task: 1 % of 40 rounds to 0) and a cosine decay to 2e-4, weight
+    decay 1e-4, gradient-norm clip 0.1. ``PAPER_TRAINING`` approximates the original's schedule
+    for MVTec AD with plain AdamW; the original: StableAdamW (AMSGrad, eps 1e-10), lr 2e-3,
+    betas (0.9, 0.999), weight decay 1e-4, 100 warm-up iterations then cosine to 2e-4, 10 000
+    iterations of batch 16, clip 0.1, images resized to 448 and centre-cropped to 392 (with
+    DINOv2's patch 14: a 28 x 28 grid).
     """
 
     name = "dinomaly"
@@ -236,12 +245,38 @@ class Dinomaly(AnomalyModel):
         "vit_base_patch14_dinov2": {},
     }
 
-    def __init__(self, params: DinomalyParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
-        super().__init__()
-        self.params = params
-        spec = BACKBONES.get(backbone)
-        if not spec.is_vit:
-            raise ValueError(
+    params: DinomalyParams
+
+    def __init__(self, params: DinomalyParams, setup: Setup) -> None:
+        super().__init__(params, setup)
+        self.check_setup(params, setup)
+        image_size = setup.image_size
+        self.encoder_layers = sorted({layer for group in params.encoder_groups for layer in group})
+        self.backbone = FeatureExtractor(
+            setup.backbone, tuple(f"blocks.{i}" for i in self.encoder_layers), setup.weights
+        )
+        vit = self.vit
+        vit.set_input_size(img_size=(image_size, image_size))  # resample the position embedding once
+        self.grid = (
+            image_size // taps(setup.backbone)[0].stride
+        )  # tokens per side: a ViT's taps are at its patch stride
+        self.prefix_tokens = vit.num_prefix_tokens
+        dim, heads = vit.embed_dim, vit.blocks[0].attn.num_heads
+
+        self.bottleneck = NoisyBottleneck(dim, params.bottleneck_dropout, setup.seed)
+        self.decoder = nn.ModuleList(DecoderBlock(dim, heads) for _ in range(params.decoder_blocks))
+        self._initialise(torch.Generator().manual_seed(setup.seed))
+        self.head = AnomalyMapHead(image_size, params.blur_sigma)
+        self.top_pixels = max(1, int(params.score_top_ratio * image_size * image_size))
+        self.loss_history: list[list[float]] = []
+        self.easy_share = 0.0  # hard-mining share of the current update, set by the schedule
+
+    @classmethod
+    def check_setup(cls, params: DinomalyParams, setup: Setup) -> None:
+        """A ViT encoder deep enough for the groups, and an image size that is a whole number of patches."""
+        backbone, image_size = setup.backbone, setup.image_size
+        if not BACKBONES.get(backbone).is_vit:
+            raise SetupError(
                 f"dinomaly needs a ViT encoder, but backbone {backbone!r} is not one; "
                 f"use one of: {', '.join(vit_backbones())}"
             )
@@ -249,29 +284,15 @@ class Dinomaly(AnomalyModel):
         depth, patch = len(blocks), blocks[0].stride  # a ViT's taps are its blocks, at the patch stride
         deepest = max(max(group) for group in params.encoder_groups)
         if deepest >= depth:
-            raise ValueError(
+            raise SetupError(
                 f"dinomaly: model.params.encoder_groups uses block {deepest}, but {backbone} has {depth} blocks "
                 f"(0..{depth - 1}); choose groups within them"
             )
         if image_size % patch:
-            raise ValueError(
+            raise SetupError(
                 f"dinomaly: image size {image_size} px is not a multiple of {backbone}'s patch size {patch} px; "
                 f"set dataset.image_size to a multiple of {patch} (e.g. {patch * max(1, round(image_size / patch))})"
             )
-        self.encoder_layers = sorted({layer for group in params.encoder_groups for layer in group})
-        self.backbone = FeatureExtractor(backbone, tuple(f"blocks.{i}" for i in self.encoder_layers), weights)
-        vit = self.vit
-        vit.set_input_size(img_size=(image_size, image_size))  # resample the position embedding once
-        self.grid = image_size // patch
-        self.prefix_tokens = vit.num_prefix_tokens
-        dim, heads = vit.embed_dim, vit.blocks[0].attn.num_heads
-
-        self.bottleneck = NoisyBottleneck(dim, params.bottleneck_dropout, seed)
-        self.decoder = nn.ModuleList(DecoderBlock(dim, heads) for _ in range(params.decoder_blocks))
-        self._initialise(torch.Generator().manual_seed(seed))
-        self.head = AnomalyMapHead(image_size, params.blur_sigma)
-        self.top_pixels = max(1, int(params.score_top_ratio * image_size * image_size))
-        self.loss_history: list[list[float]] = []
 
     @property
     def vit(self) -> nn.Module:
@@ -302,7 +323,9 @@ class Dinomaly(AnomalyModel):
         )
         return [torch.cat([prefix, patches], dim=1) for patches, prefix in layers]
 
-    def reconstruct(self, images: torch.Tensor, frozen: FrozenOutputs | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def reconstruct(
+        self, images: torch.Tensor, frozen: FrozenOutputs | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per group: the encoder target and the decoder's reconstruction, patch tokens only, [B, N, C]."""
         layers = (frozen or self.encode)(images)
         by_block = dict(zip(self.encoder_layers, layers))
@@ -347,24 +370,19 @@ class Dinomaly(AnomalyModel):
     def fit_task(self, task: Task) -> None:
         trained = [p for module in self.trained_modules() for p in module.parameters()]
         optimizer = make_optimizer(self.params, trained)
-        total = update_budget(task, self.params)
-        frozen = FrozenOutputs(self.encode, network_digest(self.backbone, f"tokens of blocks {self.encoder_layers}"), task.features)
-        step = 0
+        frozen = FrozenOutputs(
+            self.encode, network_digest(self.backbone, f"tokens of blocks {self.encoder_layers}"), task.features
+        )
+
+        def schedule(update: int, total: int) -> None:
+            for group in optimizer.param_groups:
+                group["lr"] = self.learning_rate(update, total)
+            self.easy_share = self.easy_fraction(update, total)
 
         def loss_of(images: torch.Tensor) -> torch.Tensor:
-            nonlocal step
-            for group in optimizer.param_groups:
-                group["lr"] = self.learning_rate(step, total)
-            targets, recons = self.reconstruct(images, frozen)
-            loss = self.loss(targets, recons, self.easy_fraction(step, total))
-            step += 1
-            return loss
+            return self.loss(*self.reconstruct(images, frozen), self.easy_share)
 
-        self.train()
-        try:
-            self.loss_history.append(train_loop(task, self.params, optimizer, loss_of, method=self.name))
-        finally:
-            self.eval()
+        self.loss_history.append(train_loop(self, task, optimizer, loss_of, on_update=schedule))
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         targets, recons = self.reconstruct(images)

@@ -1,7 +1,8 @@
-"""PaDiM and its continual variants (methods.md section 5).
+"""PaDiM and its continual variants (docs/methods.md section 5).
 
-One Gaussian per feature-grid position over the concatenated first three backbone
-levels. ``covariance`` picks full PaDiM or PaDiM-Lite (diagonal); ``continual`` picks
+One Gaussian per feature-grid position over the backbone levels ``layers`` names (by default
+the last blocks at strides 4, 8 and 16), concatenated on the finest grid, a seeded random
+subset of ``n_features`` channels kept. ``covariance`` picks full PaDiM or PaDiM-Lite (diagonal); ``continual`` picks
 how a new task meets the stored statistics:
 
 - ``refit``: forget, fit the new task alone (plain PaDiM; the fine-tuning lower bound);
@@ -9,7 +10,7 @@ how a new task meets the stored statistics:
 - ``unimodal``: exact sample-weighted merge, one Gaussian, memory independent of T;
 - ``multimodal``: one Gaussian per task, score = min over tasks, memory grows with T.
 
-Stored state, float32: per mode the count, the mean, and for full covariance the
+Stored state: per mode the count (int64), the mean (float32), and for full covariance the
 whitening factor W = L^-1, L L^T = sample covariance + eps I. W is what scoring needs
 (distance = ||W (x - mu)||, one matrix-vector product per position) and, inverted,
 gives back the covariance that later merges need (relative error ~1e-7, tested).
@@ -24,7 +25,7 @@ import torch
 from pydantic import Field
 
 from cvad.backbones import FeatureExtractor, Layers
-from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Task, feature_layers
+from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Setup, Task, feature_layers
 from cvad.models.components.gaussian import (
     GaussianAccumulator,
     GaussianStats,
@@ -58,38 +59,37 @@ class PaDiM(AnomalyModel):
         covariance = params.get("covariance", PaDiMParams.model_fields["covariance"].default)
         return super().paper_preset(backbone, params) | {"n_features": PADIM_FEATURES[backbone][covariance]}
 
-    def __init__(self, params: PaDiMParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
-        super().__init__()
-        self.params = params
-        self.backbone = FeatureExtractor(backbone, params.layers, weights)
+    params: PaDiMParams
+
+    def __init__(self, params: PaDiMParams, setup: Setup) -> None:
+        super().__init__(params, setup)
+        self.backbone = FeatureExtractor(setup.backbone, params.layers, setup.weights)
         total = sum(self.backbone.channels)
         d = total if params.n_features is None else min(params.n_features, total)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(setup.seed)
         self.register_buffer("channel_index", torch.randperm(total, generator=generator)[:d].sort().values)
-        self.head = AnomalyMapHead(image_size, params.blur_sigma)
+        self.head = AnomalyMapHead(setup.image_size, params.blur_sigma)
         self.tasks_merged = 0  # tasks folded into the stored statistics (``original`` weights by it)
         # Modes of the stored mixture, filled by fit_task: [K], [K, P, d], [K, P, d, d] or [K, P, d].
         self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))
         self.register_buffer("means", torch.zeros(0))
         self.register_buffer("shapes", torch.zeros(0))  # whitening factors (full) or variances (diagonal)
-        self.grid: tuple[int, int] | None = None
 
     @property
     def diagonal(self) -> bool:
         return self.params.covariance == "diagonal"
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] -> [B, P, d] patch embeddings on the finest level's grid."""
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[B, 3, S, S] -> [B, P, d] patch embeddings on the finest level's grid, and that grid."""
         emb = concat_at_first_grid(self.backbone(images))
         emb = emb.index_select(1, self.channel_index)
-        self.grid = tuple(emb.shape[-2:])
-        return emb.flatten(2).transpose(1, 2).contiguous()
+        return emb.flatten(2).transpose(1, 2).contiguous(), tuple(emb.shape[-2:])
 
     @torch.no_grad()
     def fit_task(self, task: Task) -> None:
         acc = GaussianAccumulator(self.diagonal)
         for images in task.train:
-            acc.add(self.embed(images))
+            acc.add(self.embed(images)[0])
         new = acc.stats()
         rule = self.params.continual
         if rule == "refit" or self.counts.numel() == 0:
@@ -108,7 +108,7 @@ class PaDiM(AnomalyModel):
     def shape_as_fitted(self, tasks: int) -> None:
         """One Gaussian per position (``tasks`` of them for multimodal), zero-valued."""
         probe = torch.zeros(1, 3, self.head.image_size, self.head.image_size, device=self.channel_index.device)
-        _, positions, dim = self.embed(probe).shape
+        _, positions, dim = self.embed(probe)[0].shape
         modes = tasks if self.params.continual == "multimodal" else 1
         shape = (modes, positions, dim) if self.diagonal else (modes, positions, dim, dim)
         self.counts = self.counts.new_ones(modes)
@@ -138,7 +138,7 @@ class PaDiM(AnomalyModel):
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if self.counts.numel() == 0:
             raise RuntimeError("PaDiM has not been fitted on any task yet")
-        x = self.embed(images)
+        x, grid = self.embed(images)
         distances = []
         for mean, shape in zip(self.means, self.shapes):
             if self.diagonal:
@@ -146,7 +146,7 @@ class PaDiM(AnomalyModel):
             else:
                 distances.append(mahalanobis_full(x, mean, shape))
         patch = torch.stack(distances).amin(dim=0) if len(distances) > 1 else distances[0]
-        maps = self.head(patch.view(-1, *self.grid))
+        maps = self.head(patch.view(-1, *grid))
         return AnomalyOutput(maps.flatten(1).amax(dim=1), maps)
 
     def stored_tensors(self) -> dict[str, list[torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""PatchCore and its continual variants PatchCoreCL and PatchCoreCL++ (methods.md section 4).
+"""PatchCore and its continual variants PatchCoreCL and PatchCoreCL++ (docs/methods.md section 4).
 
 ``continual`` chooses how banks meet a new task:
 
@@ -10,8 +10,8 @@
   of the task's training images; with ``prototype: pooled`` its spatial average, as the
   paper's code does) and only that bank is scored.
 
-The CL variants record, for every scored image, the task they routed it to
-(``routed_tasks``), so the protocol can report routing accuracy.
+The CL variants return, for every scored image, the task they routed it to
+(``AnomalyOutput.routed_tasks``), so the protocol can report routing accuracy.
 """
 
 from __future__ import annotations
@@ -23,7 +23,16 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from cvad.backbones import FeatureExtractor, Layers
-from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Task, feature_layers
+from cvad.models.base import (
+    AnomalyModel,
+    AnomalyOutput,
+    MethodParams,
+    Setup,
+    SetupError,
+    Task,
+    TensorList,
+    feature_layers,
+)
 from cvad.models.components.coreset import greedy_k_center, nearest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
 from cvad.models.paper import DESCRIPTOR_LAYERS
@@ -33,14 +42,18 @@ class PatchCoreParams(MethodParams):
     layers: Layers = feature_layers((8, 16))
     continual: Literal["refit", "cl", "cl++"] = "refit"
     bank_size: int | None = Field(10_000, ge=1, description="patch vectors kept in total (B)")
-    bank_ratio: float | None = Field(None, gt=0, le=1, description="refit only: keep this fraction of the patches instead")
+    bank_ratio: float | None = Field(
+        None, gt=0, le=1, description="refit only: keep this fraction of the patches instead"
+    )
     projection_dim: int | None = Field(128, ge=1, description="random projection used only to speed up k-center")
     num_neighbors: int = Field(9, ge=1, description="b in the image-score reweighting")
-    prototype: Literal["map", "pooled"] = Field("map", description="cl++ routing prototype: the mean deepest map, or its spatial average")
+    prototype: Literal["map", "pooled"] = Field(
+        "map", description="cl++ routing prototype: the mean deepest map, or its spatial average"
+    )
     blur_sigma: float = Field(4.0, gt=0)
 
     @model_validator(mode="after")
-    def one_bank_budget(self) -> "PatchCoreParams":
+    def one_bank_budget(self) -> PatchCoreParams:
         if self.bank_ratio is not None and self.continual != "refit":
             raise ValueError("bank_ratio applies to continual 'refit' only; CL variants share a total bank_size B")
         if self.bank_ratio is None and self.bank_size is None:
@@ -51,26 +64,37 @@ class PatchCoreParams(MethodParams):
 class PatchCore(AnomalyModel):
     name = "patchcore"
     Params = PatchCoreParams
-    PAPER_CONFIG = {backbone: {"layers": layers, "prototype": "pooled"} for backbone, layers in DESCRIPTOR_LAYERS.items()}
+    PAPER_CONFIG = {
+        backbone: {"layers": layers, "prototype": "pooled"} for backbone, layers in DESCRIPTOR_LAYERS.items()
+    }
 
-    def __init__(self, params: PatchCoreParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
-        super().__init__()
-        self.params = params
-        self.seed = seed
-        self.backbone = FeatureExtractor(backbone, params.layers, weights)
-        self.head = AnomalyMapHead(image_size, params.blur_sigma)
-        self.banks: list[torch.Tensor] = []  # one per task (or one), rows in greedy k-center order
-        self.prototypes: torch.Tensor | None = None  # [T, C, h, w] or [T, C] (pooled), cl++ only
-        self.grid: tuple[int, int] | None = None
-        self.routed_tasks: torch.Tensor | None = None
+    params: PatchCoreParams
 
-    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch descriptors [B, P, D] (3x3-averaged, concatenated levels) and the routing feature of each image."""
+    def __init__(self, params: PatchCoreParams, setup: Setup) -> None:
+        super().__init__(params, setup)
+        self.backbone = FeatureExtractor(setup.backbone, params.layers, setup.weights)
+        self.head = AnomalyMapHead(setup.image_size, params.blur_sigma)
+        self.banks = TensorList()  # one per task (or one), rows in greedy k-center order
+        self.register_buffer("prototypes", None)  # [T, C, h, w] or [T, C] (pooled), cl++ only
+
+    @classmethod
+    def check_setup(cls, params: PatchCoreParams, setup: Setup) -> None:
+        """A CL bank of B patches shares B among the tasks: at least one each."""
+        super().check_setup(params, setup)
+        if params.continual != "refit" and setup.tasks is not None and params.bank_size < setup.tasks:
+            raise SetupError(
+                f"patchcore: bank_size {params.bank_size} cannot hold a bank for each of the stream's "
+                f"{setup.tasks} tasks (continual {params.continual!r} keeps floor(B/T) patches per task); "
+                f"raise model.params.bank_size to at least {setup.tasks}"
+            )
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+        """Patch descriptors [B, P, D] (3x3-averaged, concatenated levels), their grid, and each image's
+        routing feature."""
         maps = self.backbone(images)
         patches = F.avg_pool2d(concat_at_first_grid(maps), kernel_size=3, stride=1, padding=1)
-        self.grid = tuple(patches.shape[-2:])
         deep = maps[-1].mean(dim=(2, 3)) if self.params.prototype == "pooled" else maps[-1]
-        return patches.flatten(2).transpose(1, 2), deep
+        return patches.flatten(2).transpose(1, 2), tuple(patches.shape[-2:]), deep
 
     def budget(self, tasks: int, patches: int) -> int:
         if self.params.bank_ratio is not None:
@@ -81,46 +105,49 @@ class PatchCore(AnomalyModel):
     def fit_task(self, task: Task) -> None:
         descriptors, deep_sum, images = [], None, 0
         for batch in task.train:
-            patches, deep = self.features(batch)
+            patches, _, deep = self.features(batch)
             descriptors.append(patches.reshape(-1, patches.shape[-1]))
             deep_sum = deep.sum(0) if deep_sum is None else deep_sum + deep.sum(0)
             images += batch.shape[0]
         pool = torch.cat(descriptors)
-        seed = self.seed * 1000 + task.index
+        seed = self.setup.seed * 1000 + task.index
         mode = self.params.continual
         if mode == "refit":
             size = self.budget(1, len(pool))
-            self.banks = [pool[greedy_k_center(pool, size, seed=seed, projection_dim=self.params.projection_dim)]]
+            self.banks.assign([pool[greedy_k_center(pool, size, seed=seed, projection_dim=self.params.projection_dim)]])
             return
         per_task = self.budget(len(self.banks) + 1, len(pool))
         if per_task < 1:
             raise ValueError(f"bank_size {self.params.bank_size} leaves no room for task {len(self.banks) + 1}")
         if mode == "cl":
-            self.banks = [
+            kept = [
                 bank[greedy_k_center(bank, per_task, seed=seed + i, projection_dim=self.params.projection_dim)]
                 for i, bank in enumerate(self.banks)
             ]
         else:  # cl++: the greedy order makes truncation a k-center reduction
-            self.banks = [bank[:per_task] for bank in self.banks]
+            kept = [bank[:per_task].clone() for bank in self.banks]
             prototype = (deep_sum / images).unsqueeze(0)
             self.prototypes = prototype if self.prototypes is None else torch.cat([self.prototypes, prototype])
-        self.banks.append(pool[greedy_k_center(pool, per_task, seed=seed, projection_dim=self.params.projection_dim)])
+        new = pool[greedy_k_center(pool, per_task, seed=seed, projection_dim=self.params.projection_dim)]
+        self.banks.assign([*kept, new])
 
     @torch.no_grad()
     def shape_as_fitted(self, tasks: int) -> None:
         """Banks (and CL++ prototypes) of the sizes ``tasks`` tasks leave, each task assumed to have enough patches."""
         if self.params.bank_ratio is not None:
-            raise ValueError("patchcore: a bank_ratio bank's size depends on the training images; price it with bank_size instead")
+            raise ValueError(
+                "patchcore: a bank_ratio bank's size depends on the training images; price it with bank_size instead"
+            )
         probe = torch.zeros(1, 3, self.head.image_size, self.head.image_size, device=self.head.blur.kernel.device)
-        patches, deep = self.features(probe)
+        patches, _, deep = self.features(probe)
         dim = patches.shape[-1]
         if self.params.continual == "refit":
-            self.banks = [patches.new_zeros(self.params.bank_size, dim)]
+            self.banks.assign([patches.new_zeros(self.params.bank_size, dim)])
             return
         per_task = self.budget(tasks, self.params.bank_size)
         if per_task < 1:
             raise ValueError(f"bank_size {self.params.bank_size} leaves no room for {tasks} tasks")
-        self.banks = [patches.new_zeros(per_task, dim) for _ in range(tasks)]
+        self.banks.assign([patches.new_zeros(per_task, dim) for _ in range(tasks)])
         if self.params.continual == "cl++":
             self.prototypes = deep.new_zeros(tasks, *deep.shape[1:])
 
@@ -143,7 +170,7 @@ class PatchCore(AnomalyModel):
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if not self.banks:
             raise RuntimeError("PatchCore has not been fitted on any task yet")
-        patches, deep = self.features(images)
+        patches, grid, deep = self.features(images)
         mode = self.params.continual
         if mode == "cl++":
             routes = torch.cdist(deep.flatten(1), self.prototypes.flatten(1)).argmin(dim=1)
@@ -158,9 +185,8 @@ class PatchCore(AnomalyModel):
             routes = all_images.argmin(dim=0)
             image_scores = all_images.gather(0, routes.unsqueeze(0)).squeeze(0)
             patch_scores = torch.stack([s[0] for s in scored])[routes, torch.arange(len(routes))]
-        self.routed_tasks = routes if mode != "refit" else None
-        maps = self.head(patch_scores.view(-1, *self.grid))
-        return AnomalyOutput(image_scores, maps)
+        maps = self.head(patch_scores.view(-1, *grid))
+        return AnomalyOutput(image_scores, maps, routes if mode != "refit" else None)
 
     def stored_tensors(self) -> dict[str, list[torch.Tensor]]:
         parts = {

@@ -1,4 +1,4 @@
-"""SimpleNet: a discriminator between adapted normal features and noised ones (methods.md section 6).
+"""SimpleNet: a discriminator between adapted normal features and noised ones (docs/methods.md section 6).
 
 Frozen backbone features at two levels (strides 8 and 16 by default, as WideResNet's layer 2
 and 3 in the original), each averaged over its 3×3 neighbourhood and brought to the finer grid,
@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import nn
 
 from cvad.backbones import FeatureExtractor, Layers, resolve_layers, taps
-from cvad.models.base import AnomalyModel, AnomalyOutput, Task, feature_layers
+from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, Task, feature_layers
 from cvad.models.components.frozen import FrozenOutputs, extractor_digest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
 from cvad.models.components.training import TrainingParams, make_optimizer, train_loop
@@ -40,12 +40,16 @@ from cvad.models.paper import DESCRIPTOR_LAYERS
 class SimpleNetParams(TrainingParams):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0, description="discriminator learning rate")
-    adaptor_lr_ratio: float = Field(0.5, gt=0, description="adaptor learning rate = lr x this (the original: 1e-4 / 2e-4)")
+    adaptor_lr_ratio: float = Field(
+        0.5, gt=0, description="adaptor learning rate = lr x this (the original: 1e-4 / 2e-4)"
+    )
     weight_decay: float = Field(1e-5, ge=0)
     layers: Layers = feature_layers((8, 16))
     hidden: int = Field(256, ge=1, description="discriminator hidden width (the original: 1024)")
     steps: int | None = Field(80, ge=1, description=TrainingParams.model_fields["steps"].description)
-    noise_std: float = Field(0.1, gt=0, description="σ of the Gaussian noise that makes fake anomalies (the original: 0.015)")
+    noise_std: float = Field(
+        0.1, gt=0, description="σ of the Gaussian noise that makes fake anomalies (the original: 0.015)"
+    )
     threshold: float = Field(0.5, gt=0, description="margin of the truncated L1 loss")
     blur_sigma: float = Field(4.0, gt=0)
 
@@ -54,34 +58,39 @@ class SimpleNet(AnomalyModel):
     name = "simplenet"
     Params = SimpleNetParams
     PAPER_TRAINING: ClassVar[dict] = {
-        "optimizer": "adam", "lr": 2e-4, "adaptor_lr_ratio": 0.5, "weight_decay": 1e-5, "epochs": 160, "noise_std": 0.015,
+        "optimizer": "adam", "lr": 2e-4, "adaptor_lr_ratio": 0.5, "weight_decay": 1e-5, "epochs": 160,
+        "noise_std": 0.015,
     }  # fmt: skip
-    PAPER_CONFIG: ClassVar[dict[str, dict]] = {backbone: {"layers": layers} for backbone, layers in DESCRIPTOR_LAYERS.items()}
+    PAPER_CONFIG: ClassVar[dict[str, dict]] = {
+        backbone: {"layers": layers} for backbone, layers in DESCRIPTOR_LAYERS.items()
+    }
 
     @classmethod
     def paper_preset(cls, backbone: str, params: dict) -> dict:
-        """The descriptor layers, with a discriminator as wide as the features (what the paper's MB and GFLOPs imply)."""
+        """The descriptor layers, with a discriminator as wide as the features (what the paper's MB and
+        GFLOPs imply)."""
         preset = super().paper_preset(backbone, params)
         layers = params.get("layers", preset["layers"])
         return preset | {"hidden": sum(taps(backbone)[i].channels for i in resolve_layers(backbone, tuple(layers)))}
 
-    def __init__(self, params: SimpleNetParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
-        super().__init__()
-        self.params = params
-        self.backbone = FeatureExtractor(backbone, params.layers, weights)
+    params: SimpleNetParams
+
+    def __init__(self, params: SimpleNetParams, setup: Setup) -> None:
+        super().__init__(params, setup)
+        self.backbone = FeatureExtractor(setup.backbone, params.layers, setup.weights)
         dim = sum(self.backbone.channels)
         self.adaptor = nn.Linear(dim, dim)
         self.discriminator = nn.Sequential(
             nn.Linear(dim, params.hidden), nn.BatchNorm1d(params.hidden), nn.LeakyReLU(0.2), nn.Linear(params.hidden, 1)
         )
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(setup.seed)
             nn.init.xavier_normal_(self.adaptor.weight)
             for layer in self.discriminator:
                 if isinstance(layer, nn.Linear):
                     nn.init.xavier_normal_(layer.weight)
-        self.noise = torch.Generator().manual_seed(seed)
-        self.head = AnomalyMapHead(image_size, params.blur_sigma)
+        self.noise = torch.Generator().manual_seed(setup.seed)
+        self.head = AnomalyMapHead(setup.image_size, params.blur_sigma)
         self.loss_history: list[list[float]] = []
 
     def patch_features(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -91,23 +100,26 @@ class SimpleNet(AnomalyModel):
         grid = tuple(features.shape[-2:])
         return self.adaptor(features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])), grid
 
+    def truncated_l1(self, true_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+        """max(0, th - D(normal)) + max(0, th + D(fake)), each averaged: zero once both clear the margin."""
+        th = self.params.threshold
+        return (th - true_scores).clamp(min=0).mean() + (th + fake_scores).clamp(min=0).mean()
+
     def fit_task(self, task: Task) -> None:
         groups = [
             {"params": self.discriminator.parameters()},
             {"params": self.adaptor.parameters(), "lr": self.params.lr * self.params.adaptor_lr_ratio},
         ]
         optimizer = make_optimizer(self.params, groups)
-        th = self.params.threshold
         frozen = FrozenOutputs(self.backbone, extractor_digest(self.backbone), task.features)
 
         def loss_of(images: torch.Tensor) -> torch.Tensor:
             normal, _ = self.patch_features(frozen(images))
             noise = torch.randn(normal.shape, generator=self.noise).to(normal.device) * self.params.noise_std
             scores = self.discriminator(torch.cat([normal, normal + noise])).squeeze(1)
-            true_scores, fake_scores = scores[: len(normal)], scores[len(normal) :]
-            return (th - true_scores).clamp(min=0).mean() + (th + fake_scores).clamp(min=0).mean()
+            return self.truncated_l1(scores[: len(normal)], scores[len(normal) :])
 
-        self.loss_history.append(train_loop(task, self.params, optimizer, loss_of, method=self.name))
+        self.loss_history.append(train_loop(self, task, optimizer, loss_of))
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         features, grid = self.patch_features(self.backbone(images))

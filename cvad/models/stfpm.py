@@ -1,4 +1,4 @@
-"""STFPM: student-teacher feature pyramid matching (methods.md section 6).
+"""STFPM: student-teacher feature pyramid matching (docs/methods.md section 6).
 
 A frozen pretrained teacher and a student of the same architecture, trained from scratch to
 reproduce the teacher's features on normal images at three levels (strides 4, 8, 16 by
@@ -12,11 +12,12 @@ Under the continual strategies the same student keeps training on whatever each 
 
 Defaults are a CPU-sized schedule for the built-in data (Adam 1e-3, 40 updates per task; joint
 training: 40 x T); ``PAPER_TRAINING`` is the original paper's (SGD 0.4, momentum 0.9, weight
-decay 1e-4, 100 epochs, batch 32). The teacher's outputs for a training image are computed once
-(``FrozenOutputs``), not once per update.
+decay 1e-4, 100 epochs; the original's batch of 32 is ``dataset.batch_size``'s to set). The
+teacher's outputs for a training image are computed once (``FrozenOutputs``), not once per
+update.
 
 Stored: the teacher (truncated after its deepest level), the student (the layers it learns)
-and the map head.
+and, with ``blur_sigma``, the map head's kernel.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from cvad.backbones import BACKBONES, FeatureExtractor, Layers
-from cvad.models.base import AnomalyModel, AnomalyOutput, Task, feature_layers
+from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, SetupError, Task, feature_layers
 from cvad.models.components.frozen import FrozenOutputs, network_digest
 from cvad.models.components.maps import GaussianBlur
 from cvad.models.components.training import TrainingParams, make_optimizer, train_loop
@@ -42,14 +43,9 @@ class STFPMParams(TrainingParams):
     lr: float = Field(1e-3, gt=0)
     layers: Layers = feature_layers((4, 8, 16))
     combine: Literal["product", "sum"] = Field("product", description="how per-level maps combine into one")
-    blur_sigma: float | None = Field(None, gt=0, description="Gaussian blur of the final map; null: none (the original)")
-
-
-def layer_sequence(extractor: FeatureExtractor) -> tuple[list[nn.Module], list[int]]:
-    """The extractor's blocks in execution order, and the index of the block producing each level."""
-    if extractor.blocks is None:
-        raise ValueError(f"backbone {extractor.name} is not a convolutional network; STFPM and PaSTe need a CNN teacher")
-    return list(extractor.blocks), list(extractor.tap_indices)
+    blur_sigma: float | None = Field(
+        None, gt=0, description="Gaussian blur of the final map; null: none (the original)"
+    )
 
 
 def run_layers(layers: list[nn.Module], x: torch.Tensor, start: int, outputs: list[int]) -> list[torch.Tensor]:
@@ -76,40 +72,59 @@ def reinitialise(module: nn.Module, seed: int) -> None:
 class STFPM(AnomalyModel):
     name = "stfpm"
     Params = STFPMParams
-    PAPER_TRAINING: ClassVar[dict] = {"optimizer": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 100}
-    PAPER_CONFIG: ClassVar[dict[str, dict]] = {backbone: {"layers": layers} for backbone, (layers, _) in STUDENT_TEACHER_LAYERS.items()}
+    PAPER_TRAINING: ClassVar[dict] = {
+        "optimizer": "sgd",
+        "lr": 0.4,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "epochs": 100,
+    }
+    PAPER_CONFIG: ClassVar[dict[str, dict]] = {
+        backbone: {"layers": layers} for backbone, (layers, _) in STUDENT_TEACHER_LAYERS.items()
+    }
 
-    def __init__(self, params: STFPMParams, *, backbone: str, weights: str, image_size: int, seed: int) -> None:
-        super().__init__()
-        self.params = params
-        self.image_size = image_size
-        if BACKBONES.get(backbone).is_vit:
-            raise ValueError(f"{self.name}: backbone {backbone} is not a convolutional network; STFPM and PaSTe need a CNN teacher")
-        self.backbone = FeatureExtractor(backbone, params.layers, weights)
-        layers, levels = layer_sequence(self.backbone)
-        self.split = self.shared_layers(levels)
-        self.levels = [i for i in levels if i >= self.split]  # levels the student produces
-        if not self.levels:
-            raise ValueError(f"{self.name}: the student shares every feature level with the teacher; share fewer stages")
-        self.teacher_layers = layers
-        self.student = nn.ModuleList(copy.deepcopy(layers[self.split : max(self.levels) + 1]))
-        reinitialise(self.student, seed)
+    params: STFPMParams
+
+    def __init__(self, params: STFPMParams, setup: Setup) -> None:
+        super().__init__(params, setup)
+        self.check_setup(params, setup)
+        self.backbone = FeatureExtractor(setup.backbone, params.layers, setup.weights)
+        self.split = self.shared_layers(params, setup.backbone)
+        self.levels = [i for i in self.backbone.tap_indices if i >= self.split]  # levels the student produces
+        self.teacher_layers = list(self.backbone.blocks)
+        self.student = nn.ModuleList(copy.deepcopy(self.teacher_layers[self.split : max(self.levels) + 1]))
+        reinitialise(self.student, setup.seed)
         self.student.requires_grad_(True)
         self.blur = GaussianBlur(params.blur_sigma) if params.blur_sigma else None
         self.loss_history: list[list[float]] = []
 
-    def shared_layers(self, levels: list[int]) -> int:
-        """How many of the teacher's first layers the student shares: none for STFPM."""
+    @classmethod
+    def check_setup(cls, params: STFPMParams, setup: Setup) -> None:
+        """The student copies the teacher's blocks: the backbone must be a CNN, and a level must be left to learn."""
+        if BACKBONES.get(setup.backbone).is_vit:
+            raise SetupError(
+                f"{cls.name}: backbone {setup.backbone} is not a convolutional network; STFPM and PaSTe need a CNN "
+                "teacher (choose e.g. mobilenetv2_100)"
+            )
+        super().check_setup(params, setup)
+        cls.shared_layers(params, setup.backbone)
+
+    @classmethod
+    def shared_layers(cls, params: STFPMParams, backbone: str) -> int:
+        """How many of the teacher's first blocks the student shares: none for STFPM."""
         return 0
 
     @torch.no_grad()
     def teacher_side(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen part: the student's input (the shared layers' output, or the normalised image) and the teacher's levels."""
+        """The frozen part: the student's input (the shared layers' output, or the normalised image) and
+        the teacher's levels."""
         x = (images - self.backbone.mean) / self.backbone.std
         shared = run_layers(self.teacher_layers, x, 0, [self.split - 1])[0] if self.split else x
         return [shared, *run_layers(self.teacher_layers, shared, self.split, self.levels)]
 
-    def features(self, images: torch.Tensor, frozen: FrozenOutputs | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def features(
+        self, images: torch.Tensor, frozen: FrozenOutputs | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Teacher and student features at the student's levels; the shared layers run once."""
         shared, *teacher = (frozen or self.teacher_side)(images)
         student_layers = [None] * self.split + list(self.student)
@@ -119,7 +134,9 @@ class STFPM(AnomalyModel):
     @staticmethod
     def level_distances(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> list[torch.Tensor]:
         """½‖n(F_t) − n(F_s)‖² per position, [B, h, w] per level."""
-        return [0.5 * (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(dim=1) for t, s in zip(teacher, student)]
+        return [
+            0.5 * (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(dim=1) for t, s in zip(teacher, student)
+        ]
 
     def fit_task(self, task: Task) -> None:
         optimizer = make_optimizer(self.params, list(self.student.parameters()))
@@ -130,12 +147,14 @@ class STFPM(AnomalyModel):
             distances = self.level_distances(*self.features(images, frozen))
             return sum(d.mean() for d in distances)
 
-        self.loss_history.append(train_loop(task, self.params, optimizer, loss_of, method=self.name))
+        self.loss_history.append(train_loop(self, task, optimizer, loss_of))
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         distances = self.level_distances(*self.features(images))
-        size = (self.image_size, self.image_size)
-        maps = [F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1) for d in distances]
+        size = (self.setup.image_size, self.setup.image_size)
+        maps = [
+            F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1) for d in distances
+        ]
         combined = maps[0]
         for level in maps[1:]:
             combined = combined * level if self.params.combine == "product" else combined + level

@@ -21,10 +21,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Union
+from typing import Any
 
 import optuna
+
+from cvad.config import set_path
 
 SCALARS = (str, int, float, bool, type(None))
 DISTRIBUTION_KEYS = {"int", "float", "choices"}
@@ -67,7 +70,8 @@ class Numeric:
     def grid_values(self) -> list[float]:
         if self.step is None:
             raise SpaceError(
-                f"space.{self.path}: the grid sampler needs finite values; give '{self.kind}' a 'step' or list the choices"
+                f"space.{self.path}: the grid sampler needs finite values; "
+                f"give '{self.kind}' a 'step' or list the choices"
             )
         count = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
         values = [self.low + i * self.step for i in range(count)]
@@ -79,16 +83,16 @@ class Alternatives:
     name: str
     path: str
     labels: tuple[str, ...]
-    branches: tuple["Node", ...]
+    branches: tuple[Node, ...]
 
 
 @dataclass(frozen=True)
 class Mapping:
     path: str
-    children: tuple["Node", ...]
+    children: tuple[Node, ...]
 
 
-Node = Union[Fixed, Categorical, Numeric, Alternatives, Mapping]
+Node = Fixed | Categorical | Numeric | Alternatives | Mapping
 
 
 def join(path: str, key: str) -> str:
@@ -138,7 +142,9 @@ def parse_alternatives(items: list[dict], path: str, name: str) -> Alternatives:
             break
     else:
         labels = tuple(str(i) for i in range(len(items)))
-    branches = tuple(Mapping(path, parse_children(item, path, f"{name}[{label}]")) for label, item in zip(labels, items))
+    branches = tuple(
+        Mapping(path, parse_children(item, path, f"{name}[{label}]")) for label, item in zip(labels, items)
+    )
     return Alternatives(name, path, labels, branches)
 
 
@@ -158,19 +164,52 @@ def parse_distribution(tree: dict, path: str, name: str) -> Categorical | Numeri
             raise SpaceError(f"space.{path}.choices: give a non-empty list (got {choices!r})")
         return Categorical(name, path, tuple(choices))
     bounds = tree[kind]
-    if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)):
-        raise SpaceError(f"space.{path}.{kind}: give [low, high] (got {bounds!r})")
+    if not (isinstance(bounds, list) and len(bounds) == 2 and all(is_number(b) and math.isfinite(b) for b in bounds)):
+        raise SpaceError(f"space.{path}.{kind}: give [low, high], two finite numbers (got {bounds!r})")
     low, high = bounds
     if kind == "int" and not all(isinstance(b, int) for b in bounds):
         raise SpaceError(f"space.{path}.int: bounds must be integers (got {bounds!r}); use 'float' for real values")
     if low > high:
         raise SpaceError(f"space.{path}.{kind}: low must not exceed high (got [{low}, {high}])")
-    log, step = bool(tree.get("log", False)), tree.get("step")
+    log, step = tree.get("log", False), tree.get("step")
+    if not isinstance(log, bool):
+        raise SpaceError(f"space.{path}.log: give true or false (got {log!r})")
     if log and low <= 0:
         raise SpaceError(f"space.{path}: a log scale needs low > 0 (got {low})")
-    if step is not None and (not isinstance(step, (int, float)) or step <= 0 or log):
-        raise SpaceError(f"space.{path}.step: give a positive number, and no step with log: true (got {step!r})")
+    if step is not None:
+        check_step(path, kind, low, high, step, log)
     return Numeric(name, path, kind, low, high, step, log)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_step(path: str, kind: str, low: float, high: float, step: Any, log: bool) -> None:
+    """A step Optuna takes as given: positive (whole for int), no log scale, and landing on ``high`` from ``low``."""
+    if log:
+        raise SpaceError(f"space.{path}.step: a log scale takes no step; drop 'step' or 'log: true'")
+    if kind == "int" and not (isinstance(step, int) and not isinstance(step, bool) and step > 0):
+        raise SpaceError(
+            f"space.{path}.step: an int parameter's step must be a positive whole number (got {step!r}); "
+            "use 'float' for fractional steps"
+        )
+    if not (is_number(step) and math.isfinite(step) and step > 0):
+        raise SpaceError(f"space.{path}.step: give a positive number (got {step!r})")
+    if low == high:
+        return
+    if kind == "int":
+        consistent = (high - low) % step == 0
+    else:
+        count = (high - low) / step
+        consistent = abs(count - round(count)) <= 1e-9 * max(1.0, abs(count))
+    if not consistent:
+        reachable = low + math.floor((high - low) / step + 1e-9) * step
+        shown = reachable if kind == "int" else round(reachable, 12)
+        raise SpaceError(
+            f"space.{path}: steps of {step} from {low} never land on {high}; make high - low a multiple of the step "
+            f"(e.g. [{low}, {shown}]) so that both ends are values the sweep can try"
+        )
 
 
 def sample(node: Node, trial: optuna.trial.BaseTrial, config: dict) -> None:
@@ -234,13 +273,3 @@ def corners(node: Node) -> Iterator[dict[str, Any]]:
             yield point
     else:
         yield from grid(node)
-
-
-def set_path(config: dict, path: str, value: Any) -> None:
-    node = config
-    parts = path.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        node[part] = dict(child) if isinstance(child, dict) else {}
-        node = node[part]
-    node[parts[-1]] = value

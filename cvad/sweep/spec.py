@@ -15,33 +15,34 @@ typo in one branch fails before the first trial starts.
 from __future__ import annotations
 
 import copy
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cvad.config import ConfigError, RunConfig, apply_overrides, describe_errors, validate_config
+from cvad.config import (
+    ConfigError,
+    DatasetConfig,
+    RunConfig,
+    StrictModel,
+    apply_overrides,
+    describe_errors,
+    set_path,
+    validate_config,
+)
+from cvad.metrics import DETECTION_METRICS, FORGETTING_METRICS
 from cvad.sweep.space import Node, SpaceError, corners, grid, parse_space, sample
 
 # What an objective or constraint may name: where it lives in the result record.
 RECORD_METRICS = {
-    "image_f1": ("final", "image_f1"),
-    "image_auroc": ("final", "image_auroc"),
-    "pixel_f1": ("final", "pixel_f1"),
-    "pixel_auroc": ("final", "pixel_auroc"),
-    "forgetting_pixel_f1": ("final", "forgetting_pixel_f1"),
-    "forgetting_image_f1": ("final", "forgetting_image_f1"),
-    "memory_mb": ("efficiency", "memory_mb"),
-    "gflops": ("efficiency", "gflops"),
-    "latency_ms": ("efficiency", "latency_ms"),
+    **{metric: ("final", metric) for metric in (*DETECTION_METRICS, *FORGETTING_METRICS)},
+    **{metric: ("efficiency", metric) for metric in ("memory_mb", "gflops", "latency_ms")},
 }
 MAX_VALIDATED_POINTS = 20_000
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Objective(StrictModel):
@@ -88,7 +89,9 @@ class Constraints(StrictModel):
         """The budgets a record breaks, in words ("25.3 MB > max_mb 20"); empty when it fits."""
         eff = record["efficiency"]
         return [
-            f"{eff[field]:.3g} {unit} > {name} {limit:g}" for name, field, unit, limit in self.limits() if eff[field] > limit
+            f"{eff[field]:.3g} {unit} > {name} {limit:g}"
+            for name, field, unit, limit in self.limits()
+            if eff[field] > limit
         ]
 
     @property
@@ -97,7 +100,9 @@ class Constraints(StrictModel):
 
 
 class SweepSettings(StrictModel):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="study and MLflow experiment name")
+    name: str = Field(
+        ..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="study and MLflow experiment name"
+    )
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     n_trials: int | None = Field(None, ge=1, description="trials to run (grid: default the whole grid)")
     objectives: list[Objective] = Field(
@@ -125,13 +130,57 @@ class SweepSettings(StrictModel):
         return parsed
 
     @model_validator(mode="after")
-    def trials_for_sampler(self) -> "SweepSettings":
+    def trials_for_sampler(self) -> SweepSettings:
         if self.sampler.name != "grid" and self.n_trials is None:
-            raise ValueError(f"sweep.n_trials is required for sampler '{self.sampler.name}' (only a grid has a natural end)")
+            raise ValueError(
+                f"sweep.n_trials is required for sampler '{self.sampler.name}' (only a grid has a natural end)"
+            )
         metrics = [o.metric for o in self.objectives]
         if len(set(metrics)) != len(metrics):
             raise ValueError(f"sweep.objectives names a metric twice: {metrics}")
         return self
+
+
+# Dataset fields a trial reads its data with, not what the data is: sections differing only in these share one check.
+READING_FIELDS = frozenset({"image_size", "batch_size", "eval_batch_size"})
+
+
+def data_key(dataset: DatasetConfig) -> str:
+    """What a dataset section's task stream depends on (its source and tasks, not the sizes it is read at), as text."""
+    return json.dumps(dataset.model_dump(mode="json", exclude=set(READING_FIELDS)), sort_keys=True)
+
+
+def tasks_key(dataset: DatasetConfig) -> str:
+    """What decides a dataset section's task list: source, root, ``tasks`` (and a built-in set's categories), as text.
+
+    The sweep pins one concrete task list per key (``SweepRunner.check_data``); the key is what
+    the study stores them under.
+    """
+    key: dict[str, Any] = {
+        "name": dataset.name,
+        "root": None if dataset.root is None else str(dataset.root),
+        "tasks": dataset.tasks,
+    }
+    if dataset.name == "builtin":
+        key["categories"] = list(dataset.builtin.categories)
+    return json.dumps(key, sort_keys=True)
+
+
+def describe_dataset(dataset: DatasetConfig | dict) -> str:
+    """A dataset section (or a ``tasks_key``, loaded) in words: ``'folder' at /data/x (tasks: all)``."""
+    fields = dataset.model_dump(mode="json") if isinstance(dataset, DatasetConfig) else dataset
+    tasks = fields["tasks"]
+    where = f" at {fields['root']}" if fields.get("root") else ""
+    return f"'{fields['name']}'{where} (tasks: {tasks if isinstance(tasks, str) else ', '.join(tasks)})"
+
+
+@dataclass
+class DataSection:
+    """A distinct dataset section among the configurations the spec validated."""
+
+    config: DatasetConfig
+    point: dict  # the first space point that uses it
+    points: int = 1  # how many of the validated points use it
 
 
 class SweepSpec:
@@ -159,6 +208,7 @@ class SweepSpec:
                 f"and run-config sections ({', '.join(RunConfig.model_fields)})"
             )
         self.grid_points: list[dict] | None = None
+        self.datasets: dict[str, DataSection] = {}  # data_key -> section, filled by check_configs
         if self.settings.sampler.name == "grid":
             try:
                 self.grid_points = list(grid(self.space))
@@ -174,25 +224,56 @@ class SweepSpec:
     def directions(self) -> list[str]:
         return [o.direction for o in self.settings.objectives]
 
-    def config_for(self, trial) -> RunConfig:
-        """The run config of an Optuna trial (or ``optuna.trial.FixedTrial``)."""
+    def config_for(self, trial, tasks: dict[str, list[str]] | None = None) -> RunConfig:
+        """The run config of an Optuna trial (or ``optuna.trial.FixedTrial``).
+
+        ``tasks`` (``tasks_key`` -> category names) pins ``dataset.tasks`` to the concrete list the
+        sweep resolved at its start, so that ``all`` means the same categories in every trial.
+        """
         config = copy.deepcopy(self.fixed)
         sample(self.space, trial, config)
+        run = validate_config(config)
+        if tasks is None:
+            return run
+        pinned = tasks.get(tasks_key(run.dataset))
+        if pinned is None:
+            raise ConfigError(
+                f"dataset {describe_dataset(run.dataset)} was not checked when the sweep started "
+                f"(the space has more than {MAX_VALIDATED_POINTS} configurations to validate); "
+                "list the datasets as choices of a smaller space"
+            )
+        if pinned == run.dataset.tasks:
+            return run
+        set_path(config, "dataset.tasks", list(pinned))
         return validate_config(config)
 
-    def check_configs(self) -> None:
-        """Validate every branch of the space (the whole grid, or the ranges' ends)."""
+    def check_configs(self, tasks: dict[str, list[str]] | None = None) -> None:
+        """Validate every branch of the space (the whole grid, or the ranges' ends); note their dataset sections.
+
+        With ``tasks`` (see ``config_for``) the configurations are validated on the pinned task lists.
+        """
         import optuna
 
         points = self.grid_points if self.grid_points is not None else corners(self.space)
+        datasets: dict[str, DataSection] = {}
         for count, point in enumerate(points):
             if count >= MAX_VALIDATED_POINTS:
                 break
             try:
-                self.config_for(optuna.trial.FixedTrial(point))
+                config = self.config_for(optuna.trial.FixedTrial(point), tasks)
             except ConfigError as exc:
                 chosen = ", ".join(f"{k}={v}" for k, v in point.items()) or "(no sampled parameters)"
-                raise ConfigError(f"{self.source}: the space produces an invalid run config at {chosen}:\n{exc}") from None
+                pinned = " (with dataset.tasks resolved to the dataset's categories)" if tasks is not None else ""
+                raise ConfigError(
+                    f"{self.source}: the space produces an invalid run config at {chosen}{pinned}:\n{exc}"
+                ) from None
+            key = data_key(config.dataset)
+            if key in datasets:
+                datasets[key].points += 1
+            else:
+                datasets[key] = DataSection(config.dataset, point)
+        if tasks is None:
+            self.datasets = datasets
 
     def n_trials(self, override: int | None = None) -> int:
         if override is not None:

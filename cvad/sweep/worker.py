@@ -9,14 +9,29 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cvad import cache_root
 from cvad.backbones.weights import RandomWeightsWarning
 from cvad.config import validate_config
-from cvad.trial import run_trial
+from cvad.progress import Progress, StepDone
+from cvad.trial import RECORD_FILE, run_trial
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What a worker sends the driver after step ``step`` of trial ``number``: that step's row of
+    every metric's matrix."""
+
+    number: int
+    step: int
+    tasks: list[str]
+    rows: dict[str, list[float | None]]
+    worker: str  # Ray node:pid
 
 
 def ray_node() -> str:
@@ -28,11 +43,12 @@ def ray_node() -> str:
     return os.uname().nodename
 
 
-def run_trial_for_sweep(config: dict, number: int, events, threads: int, feature_cache: bool = True) -> dict:
-    """Run trial ``number``; return its record, its artifact files ``{relative path: bytes}`` and the worker (Ray node:pid).
+def run_trial_for_sweep(config: dict, number: int, events: Any, threads: int, feature_cache: bool = True) -> dict:
+    """Run trial ``number``; return its record, its artifact files ``{relative path: bytes}`` and the
+    worker (Ray node:pid).
 
     ``events`` is a queue (``ray.util.queue.Queue`` or anything with ``put``) that receives
-    ``("step", number, info)`` after each training step of the stream. With ``feature_cache``,
+    a :class:`StepReport` after each training step of the stream. With ``feature_cache``,
     frozen networks' outputs per training image are shared with the node's other trials
     through ``$CVAD_CACHE/features`` (the records are the same either way).
     """
@@ -40,12 +56,11 @@ def run_trial_for_sweep(config: dict, number: int, events, threads: int, feature
     run_config = validate_config(config)
     worker = f"{ray_node()}:{os.getpid()}"
 
-    def forward(event: str, info: dict) -> None:
-        if event == "step_done":
-            step = info["step"]
-            rows = {metric: matrix[step] for metric, matrix in info["matrices"].items()}
+    def forward(event: Progress) -> None:
+        if isinstance(event, StepDone):
+            rows = {metric: matrix[event.step] for metric, matrix in event.matrices.items()}
             try:
-                events.put(("step", number, {"step": step, "steps": info["steps"], "tasks": info["tasks"], "rows": rows, "worker": worker}))
+                events.put(StepReport(number, event.step, event.tasks, rows, worker))
             except Exception:  # progress is best effort: the driver backfills lost steps from the record
                 pass
 
@@ -54,5 +69,8 @@ def run_trial_for_sweep(config: dict, number: int, events, threads: int, feature
         warnings.simplefilter("ignore", RandomWeightsWarning)
         cache = cache_root() / "features" if feature_cache else None
         record = run_trial(run_config, progress=forward, output_dir=Path(tmp), feature_cache=cache)
-        artifacts = {p.relative_to(tmp).as_posix(): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
+        files = (
+            p for p in sorted(Path(tmp).rglob("*")) if p.is_file() and p.name != RECORD_FILE
+        )  # the record travels as itself
+        artifacts = {p.relative_to(tmp).as_posix(): p.read_bytes() for p in files}
     return {"record": record, "artifacts": artifacts, "worker": worker}

@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -39,7 +39,12 @@ def network_digest(module: nn.Module, returns: str) -> str:
     """Identity of a frozen network's function: every parameter and buffer's bytes, and what it returns."""
     parts = [returns]
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        parts += [name, str(tuple(tensor.shape)), str(tensor.dtype), tensor.detach().cpu().contiguous().numpy().tobytes()]
+        parts += [
+            name,
+            str(tuple(tensor.shape)),
+            str(tensor.dtype),
+            tensor.detach().cpu().contiguous().numpy().tobytes(),
+        ]
     return digest(*parts)
 
 
@@ -49,7 +54,8 @@ def extractor_digest(extractor: nn.Module) -> str:
 
 
 class FeatureStore:
-    """Frozen outputs by key: memory up to a limit, then disk. One per trial, or shared by a sweep's trials via ``directory``."""
+    """Frozen outputs by key: memory up to a limit, then disk. One per trial, or shared by a sweep's
+    trials via ``directory``."""
 
     def __init__(self, directory: Path | None = None, memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB) -> None:
         self.directory = Path(directory) if directory is not None else None  # None: spill to a temporary folder
@@ -99,7 +105,9 @@ class FeatureStore:
 class FrozenOutputs:
     """A frozen network's outputs for batches of images, through a :class:`FeatureStore`."""
 
-    def __init__(self, compute: Callable[[torch.Tensor], list[torch.Tensor]], identity: str, store: FeatureStore | None) -> None:
+    def __init__(
+        self, compute: Callable[[torch.Tensor], list[torch.Tensor]], identity: str, store: FeatureStore | None
+    ) -> None:
         self.compute = compute
         self.identity = identity
         self.store = store or FeatureStore()

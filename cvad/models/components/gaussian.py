@@ -23,8 +23,8 @@ class GaussianStats:
     def diagonal(self) -> bool:
         return self.cov.dim() == self.mean.dim()
 
-    def merge(self, other: "GaussianStats") -> "GaussianStats":
-        """Exact statistics of the union of both sample sets (methods.md section 5, unimodal)."""
+    def merge(self, other: GaussianStats) -> GaussianStats:
+        """Exact statistics of the union of both sample sets (docs/methods.md section 5, unimodal)."""
         n = self.count + other.count
         mean = (self.count * self.mean + other.count * other.mean) / n
         da, db = self.mean - mean, other.mean - mean

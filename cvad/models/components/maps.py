@@ -44,5 +44,7 @@ class AnomalyMapHead(nn.Module):
         self.blur = GaussianBlur(sigma)
 
     def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(patch_scores.unsqueeze(1), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        up = F.interpolate(
+            patch_scores.unsqueeze(1), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+        )
         return self.blur(up.squeeze(1))

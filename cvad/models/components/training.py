@@ -15,12 +15,14 @@ papers' schedules), a step gets that many passes over its images.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Literal
+from collections.abc import Callable, Iterable
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from cvad.models.base import MethodParams, Task
+from cvad.models.base import AnomalyModel, MethodParams, Task
+from cvad.progress import TrainPass
 
 
 class TrainingDivergedError(RuntimeError):
@@ -47,9 +49,12 @@ class TrainingParams(MethodParams):
         return data
 
     @model_validator(mode="after")
-    def one_budget(self) -> "TrainingParams":
+    def one_budget(self) -> TrainingParams:
         if (self.steps is None) == (self.epochs is None):
-            raise ValueError(f"give one training budget: steps (updates per task) or epochs (passes), got steps={self.steps}, epochs={self.epochs}")
+            raise ValueError(
+                "give one training budget: steps (updates per task) or epochs (passes), "
+                f"got steps={self.steps}, epochs={self.epochs}"
+            )
         return self
 
 
@@ -69,47 +74,56 @@ def update_budget(task: Task, params: TrainingParams) -> int:
 
 
 def train_loop(
+    model: AnomalyModel,
     task: Task,
-    params: TrainingParams,
     optimizer: torch.optim.Optimizer,
     loss_of: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    method: str,
+    on_update: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """Run the step's update budget in passes over its batches; return the mean loss of each pass.
 
-    Reports ``train_epoch`` events (one per pass) through ``task.report`` and raises
+    ``model.params`` (a :class:`TrainingParams`) sets the budget and the gradient clip. The model
+    is in training mode while the loop runs and in eval mode after it. ``on_update(update, total)``
+    runs before each update (0-based), for schedules (learning rate, loss weights). Reports a
+    :class:`~cvad.progress.TrainPass` per pass through ``task.report`` and raises
     :class:`TrainingDivergedError` on the first non-finite loss.
     """
+    params: TrainingParams = model.params
     batches_per_pass = len(task.train)
     if batches_per_pass == 0:
-        raise ValueError(f"{method}: task {task.index + 1} ({task.name}) has no training images")
+        raise ValueError(f"{model.name}: task {task.index + 1} ({task.name}) has no training images")
     total = update_budget(task, params)
     passes = math.ceil(total / batches_per_pass)
     history = []
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     done = 0
-    for number in range(1, passes + 1):
-        pass_loss, batches = 0.0, 0
-        for images in task.train:
-            if done == total:
-                break
-            loss = loss_of(images)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingDivergedError(
-                    f"{method}: the training loss became {value} at update {done + 1}/{total} (pass {number}) "
-                    f"of task {task.index + 1} ({task.name}); lower model.params.lr (now {params.lr:g}) "
-                    "or set model.params.grad_clip"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if params.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(trained, params.grad_clip)
-            optimizer.step()
-            pass_loss += value
-            batches += 1
-            done += 1
-        history.append(pass_loss / batches)
-        task.report("train_epoch", {"step": task.index, "epoch": number, "epochs": passes, "loss": history[-1]})
+    model.train()
+    try:
+        for number in range(1, passes + 1):
+            pass_loss, batches = 0.0, 0
+            for images in task.train:
+                if done == total:
+                    break
+                if on_update is not None:
+                    on_update(done, total)
+                loss = loss_of(images)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDivergedError(
+                        f"{model.name}: the training loss became {value} at update {done + 1}/{total} (pass {number}) "
+                        f"of task {task.index + 1} ({task.name}); lower model.params.lr (now {params.lr:g}) "
+                        "or set model.params.grad_clip"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if params.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(trained, params.grad_clip)
+                optimizer.step()
+                pass_loss += value
+                batches += 1
+                done += 1
+            history.append(pass_loss / batches)
+            task.report(TrainPass(step=task.index, number=number, passes=passes, loss=history[-1]))
+    finally:
+        model.eval()
     return history

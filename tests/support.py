@@ -1,0 +1,171 @@
+"""Helpers shared by the test modules: small real images, tasks and models built as a run builds them."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from cvad.data.builtin import BuiltinOptions, render_image
+from cvad.models import AnomalyModel, Setup, build_model
+from cvad.models.base import ImageBatches, Task
+
+SIZE = 64  # px: small enough for every method on 2 cores, large enough for stride-16 taps
+CNN = "mobilenetv2_100"  # real ImageNet weights install offline
+VIT = "deit_tiny_patch16_224"  # runs here with random weights only
+
+
+def builtin_images(n: int, size: int = SIZE, category: str = "hex_nut") -> torch.Tensor:
+    """Defect-free images from the built-in generator, uint8 [n, 3, S, S]."""
+    options = BuiltinOptions(resolution=size, categories=(category,))
+    pixels = np.stack([render_image(options, category, "train", "good", i).image for i in range(n)])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+
+
+def task_of(images: torch.Tensor, batch_size: int = 4, index: int = 0, name: str = "hex_nut") -> Task:
+    """A task training on uint8 ``images`` in order (no shuffling)."""
+    return Task(index, name, ImageBatches(DataLoader([{"image": im} for im in images], batch_size=batch_size)))
+
+
+def image_task(index: int, n: int, brightness: int) -> Task:
+    """A task of ``n`` seeded noise images around ``brightness``: tasks that differ by how bright they are."""
+    generator = torch.Generator().manual_seed(index)
+    images = (torch.rand(n, 3, SIZE, SIZE, generator=generator) * 60 + brightness).to(torch.uint8)
+    return task_of(images, index=index, name=f"t{index}")
+
+
+def build(
+    name: str,
+    backbone: str = CNN,
+    *,
+    seed: int = 0,
+    image_size: int = SIZE,
+    weights: str = "imagenet",
+    tasks: int | None = None,
+    **params,
+) -> AnomalyModel:
+    """A registered method with ``params`` over its defaults, as a run builds it."""
+    return build_model(name, params, Setup(backbone, weights, image_size, seed, tasks))
+
+
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255
+
+
+# -- sweeps ------------------------------------------------------------------------------------
+
+
+def tiny_sweep(name: str, cache: Path, space: dict | None = None, **sweep) -> dict:
+    return {
+        "sweep": {"name": name, "objectives": ["maximize pixel_f1", "minimize memory_mb"], **sweep},
+        "dataset": {
+            "image_size": 48,
+            "batch_size": 8,
+            "cache_dir": str(cache),
+            "builtin": {
+                "categories": ["brick", "grass"],
+                "resolution": 48,
+                "train_per_category": 3,
+                "test_good_per_category": 2,
+                "test_defects_per_category": 2,
+            },
+        },
+        "measure_latency": False,
+        "space": space
+        or {
+            "strategy": [{"name": "finetune"}, {"name": "replay", "replay_size": [2]}],
+            "model": [{"name": "padim", "params": {"n_features": 8, "continual": ["unimodal", "multimodal"]}}],
+        },
+    }
+
+
+def run_sweep(raw: dict, store: Path, **options) -> object:
+    """Run a sweep in this process, quietly; returns its SweepOutcome."""
+    from cvad.sweep.runner import SweepOptions, SweepRunner
+    from cvad.sweep.spec import SweepSpec
+
+    spec = SweepSpec(copy.deepcopy(raw))
+    return SweepRunner(spec, SweepOptions(store_dir=store, **options), printer=lambda line: None).run()
+
+
+# -- processes started by a test -------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class Processes:
+    """Long-running processes started in their own process groups, stopped by group id."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+        process = subprocess.Popen(
+            args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env or os.environ, start_new_session=True
+        )
+        self.started.append(process)
+        return process
+
+    @staticmethod
+    def kill(process: subprocess.Popen) -> None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        for process in self.started:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill(process)
+
+
+def alive_nodes(address: str, env: dict) -> int:
+    """Alive nodes of the Ray cluster at ``address`` (0 while it does not answer), asked from a fresh process."""
+    result = subprocess.run(
+        [
+            sys.executable, "-c",
+            f"import ray; ray.init(address='{address}', logging_level='ERROR'); "
+            "print(sum(n['Alive'] for n in ray.nodes()))",
+        ],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 and result.stdout.strip() else 0

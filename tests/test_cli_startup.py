@@ -1,0 +1,94 @@
+"""`cvad --help`, `cvad recommend` and what the dashboard imports start without torch, timm, Ray, Optuna or the models.
+
+Each check runs in a fresh interpreter and reads ``sys.modules`` afterwards: it asserts what is
+imported, not how long it takes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEAVY = ("torch", "timm", "torchvision", "ray", "optuna", "cvad.models", "cvad.backbones", "cvad.config", "cvad.trial")
+
+PROBE = """
+import json, sys
+from cvad.cli import cli
+for args in {commands!r}:
+    try:
+        cli(args=args, prog_name="cvad")
+    except SystemExit as exit:
+        if exit.code:
+            raise
+{extra}
+print("\\nLOADED " + json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))
+"""
+
+
+def loaded_after(commands: list[list[str]], extra: str = "") -> list[str]:
+    """The heavy modules loaded once the CLI module is imported and ``commands`` have run, in a fresh interpreter."""
+    code = PROBE.format(commands=commands, extra=extra, heavy=HEAVY + ("mlflow",))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.rsplit("LOADED ", 1)[1])
+
+
+def test_help_of_every_command_imports_nothing_heavy():
+    commands = [["--help"]] + [[name, "--help"] for name in ("run", "cost", "sweep", "recommend", "dashboard", "list")]
+    assert loaded_after(commands) == []
+
+
+def test_what_recommend_and_the_dashboard_import_is_light():
+    extra = "import cvad.selection, cvad.tracking, cvad.metrics, cvad.titles"
+    assert loaded_after([], extra) == []
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """An MLflow store with two finished trials logged the way a sweep logs them (no model is built)."""
+    from cvad.tracking import SweepTracker
+
+    root = tmp_path_factory.mktemp("startup-store")
+    tracker = SweepTracker(f"sqlite:///{root / 'mlflow.db'}", "startup")
+    parent = tracker.start_sweep("startup", {}, {})
+    for trial, (model, pixel_f1, mb) in enumerate([("paste", 0.45, 16.9), ("padim", 0.41, 46.7)]):
+        config = {
+            "model": {"name": model, "params": {}},
+            "backbone": {"name": "mobilenetv2_100"},
+            "strategy": {"name": "finetune"},
+        }
+        tags = {
+            "cvad.model": model,
+            "cvad.backbone": "mobilenetv2_100",
+            "cvad.strategy": "finetune",
+            "cvad.trial": str(trial),
+        }
+        run = tracker.start_trial(parent, f"t{trial}", config, tags)
+        record = {
+            "schema": 2, "config": config, "tasks": ["a", "b"], "matrices": {}, "weights": {"pretrained": True},
+            "final": {"pixel_f1": pixel_f1, "forgetting_pixel_f1": 0.1, "forgetting_image_f1": 0.0},
+            "efficiency": {
+                "memory_mb": mb, "memory_bytes": int(mb * 2**20), "gflops": 0.6, "gmacs": 0.3, "latency_ms": None,
+                "memory_breakdown_mb": {},
+            },
+            "wall_seconds": {"train": 1.0, "eval": 1.0, "total": 2.0},
+        }  # fmt: skip
+        tracker.log_metrics(run, {"pixel_f1": pixel_f1, "image_f1": 0.9}, step=1)
+        tracker.log_result(run, record, {})
+        tracker.end_trial(run, "FINISHED")
+    return root
+
+
+@pytest.mark.slow
+def test_recommend_reads_mlflow_without_the_models(store):
+    command = ["recommend", "--store", str(store), "--max-mb", "20", "--json"]
+    code = PROBE.format(commands=[command], extra="", heavy=HEAVY)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    answer, loaded = done.stdout.rsplit("LOADED ", 1)
+    assert json.loads(loaded) == []
+    assert json.loads(answer)["picks"][0]["name"] == "PaSTe + MobileNetV2, finetune"

@@ -441,7 +441,9 @@ def dashboard(
     uri = resolve_tracking_uri(tracking_uri, store)
     command = [
         sys.executable, "-m", "streamlit", "run", str(app), "--server.address", host, "--server.port", str(port),
-        "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--tracking-uri", uri,
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "viewer",  # a results viewer: no Streamlit "Deploy" button or developer menu
+        "--", "--tracking-uri", uri,
     ]  # fmt: skip
     typer.echo(f"dashboard on http://{host}:{port} reading {uri}")
     raise typer.Exit(subprocess.call(command))

@@ -295,6 +295,7 @@ _ELEMENTWISE = [
     "pow",
     "pow_",
     "square",
+    "square_",
     "outer",
     "remainder",
     "fmod",

@@ -282,12 +282,16 @@ def usable(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
     return trials[ok]
 
 
-def pareto_mask(trials: pd.DataFrame, metric: str) -> pd.Series:
-    """True for the trials on the front of (metric up, MB down, GFLOPs down) among the usable ones (of one stream)."""
+def pareto_mask(trials: pd.DataFrame, metric: str, costs: tuple[str, ...] = ("memory_mb", "gflops")) -> pd.Series:
+    """True for the trials on the front of (metric up, each cost down) among the usable ones (of one stream).
+
+    The default is the recommendation's three-objective front; ``costs=("memory_mb",)`` gives the front a
+    quality-vs-MB chart shows on its own.
+    """
     one_stream(trials)
     candidates = usable(trials, metric)
-    points = candidates[[metric, "memory_mb", "gflops"]].to_numpy().tolist()
-    front = candidates.index[pareto_front(points, [True, False, False])]
+    points = candidates[[metric, *costs]].to_numpy().tolist()
+    front = candidates.index[pareto_front(points, [True] + [False] * len(costs))]
     return trials.index.isin(front)
 
 

@@ -21,7 +21,12 @@ What a trial's run holds (the dashboard and ``cvad recommend`` read these names)
   ``latency_ms`` (median of batch-1 runs; ``latency_iqr_ms`` their spread, ``latency_noisy`` 1 when it says the
   machine was busy), ``train_seconds``, ``eval_seconds``, ``wall_seconds``. Schema 1 runs hold
   ``memory_mb`` in 10^6-byte MB and the multiply-adds as ``gflops`` (``cvad.selection`` converts them);
-- artifacts: ``result.json``, ``config.yaml``, ``matrices/<metric>.csv``, ``overlays/*.png``.
+- artifacts: ``result.json``, ``config.yaml``, ``matrices/<metric>.csv``, ``overlays/*.png``;
+- a dataset input (the runs table's Dataset column): ``<dataset>:<task>+<task>...`` with the digest of the
+  stream's file list, its folder, and its tasks and image count as the profile.
+
+Experiments are tagged as model-training experiments (``mlflow.experimentKind``), so MLflow 3's UI
+opens them on the runs table rather than its GenAI view.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -117,6 +123,31 @@ def seen_averages(row: list[float | None]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+# MLflow 3 opens an experiment in its GenAI view (traces, judges) unless told it is model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """A trial's data as MLflow lists it in the runs' Dataset column: the stream, its file-list digest, where."""
+
+    name: str  # "<dataset>:<task>+<task>+..."
+    digest: str  # cvad.data.stream_digest of the file list
+    source: str  # the dataset folder, or the built-in cache folder
+    tasks: tuple[str, ...]
+    images: int
+
+    @classmethod
+    def of(cls, dataset: Any, splits: list) -> DataInput:
+        """From a dataset config section and its listed splits."""
+        from cvad.data import stream_digest
+
+        tasks = tuple(split.name for split in splits)
+        source = str(dataset.root) if dataset.root is not None else str(splits[0].train[0].image.parents[3])
+        images = sum(len(split.train) + len(split.test) for split in splits)
+        return cls(f"{dataset.name}:{'+'.join(tasks)}", stream_digest(splits), source, tasks, images)
+
+
 class SweepTracker:
     """Creates and fills the runs of one sweep in one experiment."""
 
@@ -136,9 +167,13 @@ class SweepTracker:
             location = None
             if artifact_root is not None:
                 location = (artifact_root / experiment).resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location, tags=EXPERIMENT_KIND
+            )
         else:
             self.experiment_id = found.experiment_id
+            if "mlflow.experimentKind" not in found.tags:  # a sweep store from before the tag
+                self.client.set_experiment_tag(self.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
 
     # -- the sweep (parent) run ------------------------------------------------------------
     def start_sweep(self, name: str, spec: dict, tags: dict[str, str]) -> str:
@@ -231,6 +266,15 @@ class SweepTracker:
                 return json.loads(Path(self.client.download_artifacts(run_id, "result.json", tmp)).read_text())
         except Exception:  # a run or artifact that is gone: the trial reruns
             return None
+
+    def log_dataset(self, run_id: str, data: DataInput) -> None:
+        """The trial's task stream as an MLflow dataset input (the runs table's Dataset column, filterable)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        profile = json.dumps({"tasks": list(data.tasks), "images": data.images})
+        dataset = Dataset(name=data.name, digest=data.digest, source_type="local", source=data.source, profile=profile)
+        context = InputTag("mlflow.data.context", "training")
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[context])])
 
     def tag_worker(self, run_id: str, worker: str) -> None:
         """The Ray worker (node:pid) that ran the trial."""

@@ -78,17 +78,22 @@ def pareto_figure(trials: pd.DataFrame, metric: str, x: str, front: pd.Series, p
         hover_data={"config": True, "sweep": True, "trial": True, "model": False, "backbone": False},
         log_x=log_axis(shown), labels={x: AXIS_LABELS[x], metric: METRIC_LABELS[metric]},
     )  # fmt: skip
-    line = trials[front].sort_values(x)
+    # This chart's own front (quality vs this cost alone) as a staircase: each step is the best quality
+    # reachable up to that cost. The three-objective front is marked apart: its points need not join up here.
+    own = trials[pareto_mask(trials, metric, costs=(x,))].sort_values(x)
     figure.add_trace(
         go.Scatter(
-            x=line[x],
-            y=line[metric],
-            mode="lines+markers",
-            name="Pareto front",
+            x=own[x], y=own[metric], mode="lines", line_shape="hv", name=f"front: {METRIC_LABELS[metric]} vs this axis",
             line={"color": "black", "dash": "dot"},
+        )
+    )  # fmt: skip
+    marked = trials[front]
+    figure.add_trace(
+        go.Scatter(
+            x=marked[x], y=marked[metric], mode="markers", name="on the 3-objective front (quality, MB, GFLOPs)",
             marker={"size": 14, "symbol": "circle-open", "color": "black"},
         )
-    )
+    )  # fmt: skip
     if published and metric in PUBLISHED_MVTEC:
         figure.add_trace(
             go.Scatter(
@@ -109,11 +114,15 @@ def matrix_frame(uri: str, run_id: str, metric: str) -> pd.DataFrame | None:
     return pd.read_csv(path, index_col=0)
 
 
-def continual_view(uri: str, trials: pd.DataFrame, metric: str) -> None:
+def continual_view(uri: str, trials: pd.DataFrame, metric: str, top: pd.Series | None) -> None:
+    """Curves, matrices, forgetting and overlays of the chosen trials; opens on the recommendation's top pick."""
     finished = trials[trials["status"].eq("FINISHED")]
+    labels = finished["name"] + "  #" + finished["trial"].astype(str)
+    opening = [f"{top['name']}  #{top['trial']}"] if top is not None else []
     chosen = st.multiselect(
-        "trials", finished["name"] + "  #" + finished["trial"].astype(str), max_selections=6, key="continual_trials"
-    )
+        "trials", labels, default=[label for label in opening if label in set(labels)], max_selections=6,
+        key="continual_trials",
+    )  # fmt: skip
     if not chosen:
         st.info("Pick trials to see each metric after every task, the task × task matrix and forgetting.")
         return
@@ -263,7 +272,7 @@ def main() -> None:
                     "not measured here."
                 )
     with tab_continual:
-        continual_view(uri, trials, metric)
+        continual_view(uri, trials, metric, None if rec.picks.empty else rec.picks.iloc[0])
     with tab_runs:
         models = st.multiselect("models", sorted(trials["model"].unique()))
         statuses = st.multiselect("status", sorted(trials["status"].unique()))

@@ -62,7 +62,8 @@ def test_app_recommends_what_cvad_recommend_does(store, monkeypatch):
     )
     assert tight.picks.loc[0, "memory_mb"] == smallest
     assert at.success[0].value == tight.summary()
-    assert len(at.get("plotly_chart")) == 3  # MB front, GFLOPs front, 3-D view
+    pareto_tab = at.tabs[1]
+    assert len(pareto_tab.get("plotly_chart")) == 3  # MB front, GFLOPs front, 3-D view
 
 
 def test_app_projects_to_more_tasks_before_the_budget_and_the_charts(store, monkeypatch):
@@ -116,13 +117,16 @@ def test_cli_recommend_projects_to_more_tasks(store):
     assert multimodal["run_id"] not in {p["run_id"] for p in answer["picks"]}
 
 
-def test_continual_view_shows_curves_matrices_and_overlays(store, monkeypatch):
+def test_continual_view_opens_on_the_top_pick_with_curves_matrices_and_overlays(store, monkeypatch):
     at = app(store, monkeypatch)
+    top = recommend(load_trials(store), "pixel_f1", Budget(max_mb=1e9, max_gflops=1e9)).picks.iloc[0]
     chooser = at.multiselect(key="continual_trials")
-    chooser.set_value([chooser.options[0]]).run()
+    assert chooser.value == [f"{top['name']}  #{top['trial']}"]  # not empty until the user picks
     assert not at.exception
     assert len(at.get("plotly_chart")) == 3 + 3  # + curve, heatmap, forgetting bars
     assert len(at.get("image")) == 4  # the overlays: 2 tasks x 2 defective images
+    chooser.set_value([chooser.options[-1]]).run()
+    assert not at.exception and len(at.get("plotly_chart")) == 3 + 3
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +163,7 @@ def test_stream_selector_filters_every_view(two_streams, monkeypatch):
     selector.select(lone).run()
     assert not at.exception
     assert at.success[0].value == recommend(of_stream(trials, lone)).summary()
-    assert len(at.dataframe[-1].value) == 1 and len(at.get("plotly_chart")) == 3
+    assert len(at.dataframe[-1].value) == 1 and len(at.tabs[1].get("plotly_chart")) == 3
 
 
 def test_empty_and_unreachable_stores_explain_what_to_run(tmp_path, monkeypatch):
@@ -224,6 +228,8 @@ def test_in_a_real_browser(store, tmp_path):
             field.press("Enter")
             page.locator("[data-testid='stAlert']", has_text=f"under {budget:g} MB").first.wait_for(timeout=60_000)
             assert expected in alert.inner_text()
+            # A results viewer: Streamlit's own "Deploy" button (a developer option) is not offered.
+            assert page.locator("[data-testid='stAppDeployButton']").count() == 0
             page.get_by_role("tab", name="Pareto fronts").click()
             page.locator(".js-plotly-plot .scatterlayer .trace").first.wait_for(timeout=60_000)
             page.wait_for_timeout(1500)  # let plotly finish drawing before the picture

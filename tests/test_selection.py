@@ -82,6 +82,13 @@ def test_pareto_front_keeps_ties_and_ignores_failed_and_unmeasured(trials):
     assert front == {0, 1, 3, 5, 8}
 
 
+def test_each_chart_has_its_own_two_objective_front(trials):
+    """A 2-D chart draws its own front: trial 3 is on the 3-objective front (fewest GFLOPs for its quality) but
+    trial 0 beats it on quality and MB, so joining the 3-D front on the MB chart would zigzag."""
+    assert set(trials.loc[pareto_mask(trials, "pixel_f1", costs=("memory_mb",)), "trial"]) == {0, 1, 5, 8}
+    assert set(trials.loc[pareto_mask(trials, "pixel_f1", costs=("gflops",)), "trial"]) == {0, 3, 5}
+
+
 def test_best_under_20_mb(trials):
     rec = recommend(trials, "pixel_f1", Budget(max_mb=20))
     assert list(rec.picks["trial"]) == [0, 1, 8, 5]

@@ -240,9 +240,15 @@ def test_grid_sweep_records_every_trial_in_mlflow_and_optuna(tmp_path, cache):
             "brick",
             "grass",
         ]  # 'all', pinned to the concrete list
+        (data,) = client.get_run(run.info.run_id).inputs.dataset_inputs  # the Dataset column: stream, file-list digest
+        assert data.dataset.name == "builtin:brick+grass" and len(data.dataset.digest) == 16
+        assert data.tags[0].value == "training"
         trial = next(t for t in complete if t.user_attrs["mlflow_run_id"] == run.info.run_id)
         assert trial.values[0] == pytest.approx(run.data.metrics["pixel_f1"])
         assert trial.values[1] == pytest.approx(run.data.metrics["memory_mb"])
+    digests = {client.get_run(run.info.run_id).inputs.dataset_inputs[0].dataset.digest for run in trials}
+    assert len(digests) == 1  # one stream, one digest
+    assert client.get_experiment_by_name("grid-run").tags["mlflow.experimentKind"] == "custom_model_development"
     # Multimodal PaDiM stores one Gaussian per task: more memory than unimodal, as measured.
     mb = {r.data.params["model.params.continual"]: r.data.metrics["memory_mb"] for r in trials}
     assert mb["multimodal"] > mb["unimodal"]

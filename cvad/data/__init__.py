@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -55,6 +56,28 @@ def load_task_stream(config: DatasetConfig, progress: Callable[[str], None] | No
     return splits
 
 
+def stream_digest(splits: list[CategorySplit]) -> str:
+    """A short digest of a stream's file list (category, split and path below the category, in task order).
+
+    Two streams with the same files in the same order share it wherever their folders are; a file
+    added, removed or renamed changes it. Contents are not read (a digest of the list, not the pixels).
+    """
+    digest = hashlib.sha256()
+    for split in splits:
+        for part, samples in (("train", split.train), ("test", split.test)):
+            for sample in samples:
+                for path in (sample.image, sample.mask):
+                    if path is not None:
+                        parts = path.parts
+                        below = (
+                            parts[len(parts) - 1 - parts[::-1].index(split.name) :]
+                            if split.name in parts
+                            else parts[-1:]
+                        )
+                        digest.update(f"{part}:{'/'.join(below)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 __all__ = [
     "CategorySplit",
     "DatasetError",
@@ -63,4 +86,5 @@ __all__ = [
     "Sample",
     "load_task_stream",
     "open_dataset",
+    "stream_digest",
 ]

@@ -27,7 +27,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -37,11 +37,11 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import cvad
-from cvad.config import ConfigError, RunConfig
+from cvad.config import ConfigError, DatasetConfig, RunConfig
 from cvad.data import DatasetError, load_task_stream
 from cvad.pareto import pareto_front
 from cvad.sweep.spec import SweepSpec, describe_dataset, objective_values, tasks_key
-from cvad.tracking import SweepTracker, resolve_tracking_uri
+from cvad.tracking import DataInput, SweepTracker, resolve_tracking_uri
 from cvad.trial import RESULT_SCHEMA
 
 if TYPE_CHECKING:
@@ -147,6 +147,11 @@ def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)  # grid: every trial is enqueued, the sampler only breaks ties
 
 
+def stream_key(dataset: DatasetConfig, tasks: Sequence[str]) -> str:
+    """A task stream once its task list is concrete: the dataset's source and the categories in order."""
+    return json.dumps([dataset.name, None if dataset.root is None else str(dataset.root), list(tasks)])
+
+
 def is_interrupted(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and "error" not in trial.user_attrs
 
@@ -206,6 +211,7 @@ class SweepRunner:
         self.prices: dict[str, dict] = {}  # run config (JSON) -> its efficiency, priced before training
         self.timings: dict[str, float] = {}
         self.tasks: dict[str, list[str]] = {}  # tasks_key -> the category list pinned for the whole sweep
+        self.data_inputs: dict[str, DataInput] = {}  # stream_key -> what a trial logs as its MLflow dataset input
 
     # -- set-up ------------------------------------------------------------------------------
     def check_data(self) -> dict[str, list[str]]:
@@ -233,7 +239,10 @@ class SweepRunner:
                     f"nothing was started or recorded for sweep {self.spec.name!r}: "
                     "fix the dataset section (or the space) and run it again"
                 ) from None
-            tasks.setdefault(tasks_key(section.config), [split.name for split in splits])
+            key = tasks_key(section.config)
+            tasks.setdefault(key, [split.name for split in splits])
+            data = DataInput.of(section.config, splits)
+            self.data_inputs.setdefault(stream_key(section.config, data.tasks), data)
         if any(section.config.declared_task_count() is None for section in sections):
             # Validated again with the task counts now known: e.g. a bank too small for one entry per
             # task of a folder's "all".
@@ -529,6 +538,9 @@ class SweepRunner:
         run_id = tracker.start_trial(session.parent, f"{trial.number:03d} {describe(config)}", config.to_dict(), tags)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("label", describe(config))
+        data_input = self.data_inputs.get(stream_key(config.dataset, config.dataset.tasks))
+        if data_input is not None:
+            tracker.log_dataset(run_id, data_input)
         if over_budget:
             price = self.prices[params_key(config.to_dict())]
             trial.set_user_attr("pruned", over_budget)

@@ -7,6 +7,7 @@ README.md ("The result record") and versioned by ``RESULT_SCHEMA``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -148,14 +149,16 @@ class RecordWriteError(OSError):
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` all at once (a temporary file renamed over it): readers never see half a file."""
     path = Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-        tmp.write(text)
-        tmp.flush()
-        os.fsync(tmp.fileno())
+    tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:
+        with tmp:
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
         os.replace(tmp.name, path)
-    except OSError:
-        os.unlink(tmp.name)
+    except BaseException:  # a full disk fails the write, not just the rename: leave no partial file behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp.name)
         raise
 
 

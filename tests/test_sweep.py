@@ -436,12 +436,7 @@ def test_ctrl_c_stops_cleanly_and_resume_reruns_only_the_interrupted(tmp_path, c
 
 def cut_mid_sweep(database: Path, name: str) -> bool:
     """Whether the study holds a finished trial and a running one: the moment to cut the power."""
-    if not database.exists():
-        return False
-    try:
-        states = [t.state for t in optuna.load_study(study_name=name, storage=f"sqlite:///{database}").get_trials()]
-    except (KeyError, optuna.exceptions.StorageInternalError):  # the study is still being created
-        return False
+    states = [t.state for t in optuna.load_study(study_name=name, storage=f"sqlite:///{database}").get_trials()]
     return TrialState.COMPLETE in states and TrialState.RUNNING in states
 
 
@@ -462,7 +457,8 @@ def test_a_sweep_killed_with_sigkill_resumes_keeping_every_finished_trial(tmp_pa
             start_new_session=True,
         )
         deadline = time.monotonic() + 300
-        while not cut_mid_sweep(store / "optuna.db", "killed"):  # a trial recorded while the next one runs
+        # The study is read only once the driver has made it (a reader would race it creating the schema).
+        while "trial 0 started" not in log.read_text() or not cut_mid_sweep(store / "optuna.db", "killed"):
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         os.killpg(process.pid, signal.SIGKILL)

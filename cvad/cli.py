@@ -120,8 +120,11 @@ def run(
         [], "--set", help="override a config value: --set dataset.image_size=128 (repeatable)"
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a result.json already in the output folder"),
+    keep_detector: bool = typer.Option(
+        True, "--detector/--no-detector", help="keep the fitted detector as DIR/detector.pt (for cvad export)"
+    ),
 ) -> None:
-    """Run one continual experiment and write DIR/result.json.
+    """Run one continual experiment and write DIR/result.json (and the fitted detector, DIR/detector.pt).
 
     Example: cvad run configs/quickstart.yaml --set strategy.name=replay strategy.replay_size=40
     """
@@ -145,7 +148,7 @@ def run(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RandomWeightsWarning)
         try:
-            result = run_trial(cfg, progress=ProgressPrinter(), output_dir=out)
+            result = run_trial(cfg, progress=ProgressPrinter(), output_dir=out, keep_detector=keep_detector)
         except (*user_errors(), RecordWriteError) as exc:
             fail(str(exc))
     for warning in caught:
@@ -157,6 +160,11 @@ def run(
     for warning in result["warnings"]:
         typer.secho(f"WARNING: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"\nwrote {out / RECORD_FILE}")
+    if "detector" in result:
+        typer.echo(
+            f"wrote {out / result['detector']['file']} ({result['detector']['mb']:.2f} MB; the frozen backbone is "
+            f"reloaded from its weights); deploy it: cvad export {out} --format onnx"
+        )
 
 
 def prepare_output(out: Path, overwrite: bool) -> bool:
@@ -361,6 +369,9 @@ def recommend(
         min=1,
         help="project each trial's memory and GFLOPs to N tasks, e.g. 'best under 20 MB after 30 products'",
     ),
+    register: str | None = typer.Option(
+        None, "--register", help="export the top pick to ONNX, verify it and register it in MLflow under this name"
+    ),
 ) -> None:
     """The Pareto-optimal trials that fit a budget, best first: what to deploy.
 
@@ -397,13 +408,23 @@ def recommend(
         ]  # one stream: its answer; several: one answer each
         several = {"metric": metric, "projected_tasks": tasks, "streams": answers}
         typer.echo(json.dumps(answers[0] if len(answers) == 1 else several, indent=1))
-        return
-    if len(recs) > 1:
-        typer.echo(f"these trials ran on {len(recs)} task streams, each ranked on its own (rank one only: --stream N)")
-    for n, rec in recs:
+    else:
         if len(recs) > 1:
-            typer.echo(f"\nstream {n}: {rec.stream.describe()}, {len(of_stream(trials, rec.stream))} trial(s)")
-        print_recommendation(rec, projected, tasks is not None)
+            typer.echo(
+                f"these trials ran on {len(recs)} task streams, each ranked on its own (rank one only: --stream N)"
+            )
+        for n, rec in recs:
+            if len(recs) > 1:
+                typer.echo(f"\nstream {n}: {rec.stream.describe()}, {len(of_stream(trials, rec.stream))} trial(s)")
+            print_recommendation(rec, projected, tasks is not None)
+    if register:
+        if len(recs) > 1:
+            fail("--register exports one top pick: choose its task stream with --stream N")
+        if recs[0][1].picks.empty:
+            fail("--register: no trial fits the budget, so there is nothing to export")
+        top = recs[0][1].picks.iloc[0]
+        typer.echo(f"\nexporting the top pick ({top['sweep']} trial {top['trial']}, run {top['run_id']})")
+        export_and_register(top["run_id"], "onnx", None, "uint8", register, uri)
 
 
 def print_recommendation(rec, projected: str, projecting: bool) -> None:
@@ -421,6 +442,82 @@ def print_recommendation(rec, projected: str, projecting: bool) -> None:
     left_out = ", ".join(f"{n} {reason}" for reason, n in rec.excluded.items() if n)
     if left_out:
         typer.echo(f"left out: {left_out}")
+
+
+@cli.command("export")
+def export_command(
+    source: str = typer.Argument(..., help="a `cvad run` folder, a detector.pt, or a trial's MLflow run id"),
+    file_format: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="file to write (default: beside the detector, or runs/exports/RUN_ID/)"
+    ),
+    input_kind: str = typer.Option("uint8", "--input", help="what the file takes: uint8 (0-255) or float (0-1) images"),
+    register: str | None = typer.Option(
+        None, "--register", help="also log the export as a model of the run and register a version under this name"
+    ),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)"
+    ),
+    store: Path = typer.Option(DEFAULT_STORE, "--store", help="folder of the local MLflow store"),
+) -> None:
+    """Export a fitted detector to one file for the device, verified against PyTorch on the run's test images.
+
+    The file takes an image batch [B, 3, S, S] and returns image scores [B] and anomaly maps [B, S, S]: the
+    whole path (backbone, heads, scoring, task routing). Example: cvad export runs/quickstart-... --format onnx
+    """
+    if file_format not in ("onnx", "torchscript"):
+        fail(f"--format {file_format!r}: choose onnx or torchscript")
+    if input_kind not in ("uint8", "float"):
+        fail(f"--input {input_kind!r}: choose uint8 or float")
+    uri = resolve_tracking_uri(tracking_uri, store)
+    export_and_register(source, file_format, out, input_kind, register, uri)
+
+
+def export_and_register(
+    source: str, file_format: str, out: Path | None, input_kind: str, register: str | None, uri: str
+) -> None:
+    """What ``cvad export`` and ``cvad recommend --register`` do for one detector."""
+    from cvad.data import DatasetError
+    from cvad.deployment import DeploymentError, log_export, register_export, resolve_source
+    from cvad.detector import DetectorError, load_detector
+    from cvad.export import ExportError, export_detector, verification_images
+
+    try:
+        found = resolve_source(source, uri)
+        detector = load_detector(found.detector)
+        typer.echo(f"cvad export: {found.detector} ({detector.model.name}, tasks {', '.join(detector.tasks)})")
+        images = verification_images(detector)
+        report = export_detector(detector, file_format, out or found.default_output(file_format), images, input_kind)
+        log_export(found, report)
+    except (DeploymentError, DetectorError, ExportError, DatasetError) as exc:
+        fail(str(exc))
+    Path(f"{report.path}.json").write_text(json.dumps(report.as_dict(), indent=1))
+    print_export(report, found.record)
+    if register:
+        example = images[:1].numpy() if input_kind == "uint8" else images[:1].float().numpy() / 255
+        version = register_export(found, report, example, register, uri)
+        typer.echo(f"registered {register} version {version} at {uri}")
+
+
+def print_export(report, record: dict | None) -> None:
+    """The export beside the trial's own figures: size, stored tensors, verification, latency."""
+    weights = ", ".join(f"{dtype} {n / 2**20:.3g} MB" for dtype, n in report.weights_bytes_by_dtype.items())
+    eff = record["efficiency"] if record else {}
+    lines = [
+        f"wrote {report.path} ({report.format}, input {report.input})",
+        f"  file        {report.file_mb:8.3f} MB  (stored tensors: {weights})",
+        f"  verified on {report.images_checked} test images: max |diff| scores {report.max_abs_diff_scores:.2g} "
+        f"(tolerance {report.tolerance_scores:.2g}), maps {report.max_abs_diff_maps:.2g} "
+        f"(tolerance {report.tolerance_maps:.2g})",
+        f"  latency     {report.latency_ms:8.2f} ms at batch 1 ({report.threads} threads; PyTorch here: "
+        f"{report.pytorch_latency_ms:.2f} ms)",
+    ]
+    if eff:
+        lines.append(
+            f"  the trial:  memory_mb {fmt(eff.get('memory_mb'))} MB, gflops {fmt(eff.get('gflops'))}, "
+            f"latency_ms {fmt(eff.get('latency_ms'))} ({eff.get('latency_device', '?')})"
+        )
+    typer.echo("\n".join(lines))
 
 
 @cli.command()

@@ -626,16 +626,23 @@ def measure_latency(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    timings = []
     with _eval_mode(model), torch.inference_mode():
-        for _ in range(warmup):
-            model(image)
-        for _ in range(repeats):
-            synchronize()
-            start = time.perf_counter()
-            model(image)
-            synchronize()
-            timings.append((time.perf_counter() - start) * 1e3)
+        return time_calls(lambda: model(image), warmup=warmup, repeats=repeats, synchronize=synchronize)
+
+
+def time_calls(
+    call: Callable[[], Any], *, warmup: int = 3, repeats: int = 20, synchronize: Callable[[], None] = lambda: None
+) -> LatencyReport:
+    """Median and spread of ``repeats`` timed calls after ``warmup`` untimed ones (any runtime: torch, ONNX Runtime)."""
+    for _ in range(warmup):
+        call()
+    timings = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        call()
+        synchronize()
+        timings.append((time.perf_counter() - start) * 1e3)
     if len(timings) > 1:
         first, _, third = statistics.quantiles(timings, n=4)
     else:

@@ -40,6 +40,14 @@ TABLE_METRICS = (
     "latency_noisy",
     "wall_seconds",
 )
+# What deploying a trial takes: its stored detector's file (``detector_mb``), and what ``cvad export`` measured.
+DEPLOYMENT_METRICS = (
+    "detector_mb",
+    "export_onnx_mb",
+    "export_onnx_latency_ms",
+    "export_torchscript_mb",
+    "export_torchscript_latency_ms",
+)
 
 
 MB_SCHEMA_1 = 1e6 / 2**20  # schema 1 records count MB as 10^6 bytes and GFLOPs as multiply-adds (GMACs)
@@ -179,10 +187,12 @@ def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.D
             "schema": schema_of(tags, metrics),
             "error": tags.get("cvad.error"),
             "pruned": tags.get("cvad.pruned"),  # why a sweep priced it over budget and never trained it
+            "detector": tags.get("cvad.detector"),  # "stored": the run holds detector.pt
+            "registered": tags.get("cvad.registered"),  # NAME:VERSION in the MLflow model registry
             "params": dict(run.data.params),
             "experiment_id": run.info.experiment_id,
         }
-        row.update({m: metrics.get(m) for m in TABLE_METRICS})
+        row.update({m: metrics.get(m) for m in (*TABLE_METRICS, *DEPLOYMENT_METRICS)})
         row["gmacs"] = metrics.get("gmacs")
         if row["schema"] == 1 and row["memory_mb"] is not None:
             row.update(memory_mb=row["memory_mb"] * MB_SCHEMA_1, gflops=2 * row["gflops"], gmacs=row["gflops"])

@@ -17,11 +17,16 @@ What a trial's run holds (the dashboard and ``cvad recommend`` read these names)
   ``routing_accuracy`` = average over the tasks seen after step t, and ``task.<name>.<metric>``
   for each seen task; the last step's values are the final results;
 - final metrics: ``forgetting_pixel_f1``, ``forgetting_image_f1``, ``memory_mb`` and ``memory_mb.<part>``
-  (MB = 2^20 bytes), ``memory_bytes``, ``gflops`` (2 x ``gmacs``, the multiply-adds), ``gmacs``,
-  ``latency_ms`` (median of batch-1 runs; ``latency_iqr_ms`` their spread, ``latency_noisy`` 1 when it says the
-  machine was busy), ``train_seconds``, ``eval_seconds``, ``wall_seconds``. Schema 1 runs hold
-  ``memory_mb`` in 10^6-byte MB and the multiply-adds as ``gflops`` (``cvad.selection`` converts them);
-- artifacts: ``result.json``, ``config.yaml``, ``matrices/<metric>.csv``, ``overlays/*.png``;
+  (MB = 2^20 bytes), ``detector_mb`` (the size of the fitted detector's file), ``memory_bytes``, ``gflops``
+  (2 x ``gmacs``, the multiply-adds), ``gmacs``, ``latency_ms`` (median of batch-1 runs; ``latency_iqr_ms`` their
+  spread, ``latency_noisy`` 1 when it says the machine was busy), ``train_seconds``, ``eval_seconds``,
+  ``wall_seconds``. Schema 1 runs hold ``memory_mb`` in 10^6-byte MB and the multiply-adds as ``gflops``
+  (``cvad.selection`` converts them);
+- artifacts: ``result.json``, ``config.yaml``, ``matrices/<metric>.csv``, ``overlays/*.png``, and ``detector.pt``
+  (the fitted detector) in the runs the sweep's ``detectors`` setting keeps it for, tagged ``cvad.detector=stored``;
+- after ``cvad export RUN_ID`` (``cvad.deployment``): ``export_<format>_mb``, ``export_<format>_latency_ms``,
+  ``export_<format>_max_abs_diff_scores`` and ``_maps``; with ``--register NAME``, the tag ``cvad.registered``
+  (``NAME:VERSION``) and the model logged under ``detector``;
 - a dataset input (the runs table's Dataset column): ``<dataset>:<task>+<task>...`` with the digest of the
   stream's file list, its folder, and its tasks and image count as the profile.
 
@@ -233,6 +238,8 @@ class SweepTracker:
         if eff["latency_ms"] is not None:  # a spread that says the machine was busy is kept beside the figure
             values.update(latency_iqr_ms=eff["latency_iqr_ms"], latency_noisy=float(eff["latency_noisy"]))
         values.update({f"memory_mb.{part}": mb for part, mb in eff["memory_breakdown_mb"].items()})
+        if record.get("detector"):  # the fitted detector's file size, beside the memory it was priced at
+            values["detector_mb"] = record["detector"]["mb"]
         wall = record["wall_seconds"]
         values.update({"train_seconds": wall["train"], "eval_seconds": wall["eval"], "wall_seconds": wall["total"]})
         self.log_metrics(run_id, values, step=last)
@@ -256,6 +263,19 @@ class SweepTracker:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
             self.client.log_artifacts(run_id, tmp)
+
+    def store_detector(self, run_id: str, data: bytes) -> None:
+        """Keep a trial's fitted detector (``detector.pt``) in its run, so it can be exported without training again.
+
+        The tag ``cvad.detector=stored`` is set after the upload: it never names a run without the file.
+        """
+        from cvad.detector import DETECTOR_FILE
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / DETECTOR_FILE
+            path.write_bytes(data)
+            self.client.log_artifact(run_id, str(path))
+        self.client.set_tag(run_id, "cvad.detector", "stored")
 
     def finished_record(self, run_id: str) -> dict | None:
         """The result record of a FINISHED trial run (its result.json artifact); None for any other run."""

@@ -24,6 +24,7 @@ from cvad.config import RunConfig
 from cvad.continual.protocol import LoaderSettings, run_continual
 from cvad.cost import measure_efficiency
 from cvad.data import load_task_stream
+from cvad.detector import DETECTOR_FILE, detector_bytes
 from cvad.efficiency import measure_latency
 from cvad.metrics import FORGETTING_OF, METRICS, final_average, forgetting
 from cvad.models import build_model
@@ -50,14 +51,19 @@ def resolve_device(name: str) -> str:
 
 
 def run_trial(
-    config: RunConfig, progress: Listener = ignore, output_dir: Path | None = None, feature_cache: Path | None = None
+    config: RunConfig,
+    progress: Listener = ignore,
+    output_dir: Path | None = None,
+    feature_cache: Path | None = None,
+    keep_detector: bool = True,
 ) -> dict:
     """Run one continual experiment end to end and return its result record.
 
     With ``output_dir``, the record is written there as ``result.json`` (atomically, before
-    anything else), then anomaly-map overlays of each task's first defective test images go to
-    ``output_dir/overlays``; an extra that cannot be written becomes a line in the record's
-    ``warnings``, never a lost run. ``feature_cache`` is a folder
+    anything else), then the fitted detector (``detector.pt``, see ``cvad.detector``; unless
+    ``keep_detector`` is off) and anomaly-map overlays of each task's first defective test
+    images (``output_dir/overlays``); an extra that cannot be written becomes a line in the
+    record's ``warnings``, never a lost run. ``feature_cache`` is a folder
     where frozen networks' outputs per training image are kept for later runs (a sweep's);
     the record is the same with or without it.
     """
@@ -131,9 +137,19 @@ def run_trial(
     }
     if output_dir is None:
         return record
+    detector = detector_bytes(model, config, stream.tasks) if keep_detector else None
+    if detector is not None:  # its size beside memory_mb: the file holds what fitting changed, not the frozen backbone
+        record["detector"] = {"file": DETECTOR_FILE, "bytes": len(detector), "mb": len(detector) / 2**20}
     # The record first, whole or not at all; then the extras, whose failure is a warning in it.
     record_path = Path(output_dir) / RECORD_FILE
     write_record(record_path, record)
+    if detector is not None:
+        try:
+            write_atomic(Path(output_dir) / DETECTOR_FILE, detector)
+        except OSError as exc:
+            record["warnings"].append(f"detector not written: {exc}")
+            del record["detector"]
+            write_record(record_path, record)
     try:
         write_overlays(model, splits, config.dataset.image_size, device, Path(output_dir) / "overlays")
     except OSError as exc:
@@ -146,10 +162,11 @@ class RecordWriteError(OSError):
     """The result record could not be written where asked; the message says where it was saved instead."""
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
     """Replace ``path`` with ``text`` all at once (a temporary file renamed over it): readers never see half a file."""
     path = Path(path)
-    tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    mode = "wb" if isinstance(text, bytes) else "w"
+    tmp = tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:
         with tmp:
             tmp.write(text)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -182,6 +184,76 @@ def continual_view(uri: str, trials: pd.DataFrame, metric: str, top: pd.Series |
                 cols[i % len(cols)].image(client(uri).download_artifacts(row["run_id"], path), caption=Path(path).stem)
 
 
+EXPORT_FORMATS = {"onnx": "ONNX", "torchscript": "TorchScript"}  # cvad export --format: the metrics' infix, title
+
+
+def number(value: float) -> str:
+    """3 significant digits, without an exponent for the hundreds of MB a large memory bank takes."""
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def measured(value) -> bool:
+    """A metric the run holds: runs without it read back as None or NaN."""
+    return value is not None and pd.notna(value)
+
+
+def registered_model_name(sweep: str) -> str:
+    """The MLflow model a sweep's picks register as, each registration a version ('/' and ':' are not allowed)."""
+    return re.sub(r"[/:\s]+", "-", sweep) + "-pick"
+
+
+def deployment_facts(pick: pd.Series) -> str:
+    """Markdown: the pick's stored detector, the trial's figures (as ranked), its exports and its registered model."""
+    if pick["detector"] == "stored":
+        detector = "stored in its run (`detector.pt`" + (
+            f", {number(pick['detector_mb'])} MB)" if measured(pick["detector_mb"]) else ")"
+        )
+    else:
+        detector = (
+            "not kept: a sweep keeps the detectors of its Pareto front's trials by default "
+            "(`sweep.detectors: all` keeps every one)"
+        )
+    ranked = [f"{number(pick['memory_mb'])} MB", f"{number(pick['gflops'])} GFLOPs"]
+    if measured(pick["latency_ms"]):
+        ranked.append(f"{number(pick['latency_ms'])} ms per image (PyTorch, batch 1)")
+    exports = []
+    for fmt, title in EXPORT_FORMATS.items():
+        figures = [f"{number(pick[f'export_{fmt}_mb'])} MB"] if measured(pick[f"export_{fmt}_mb"]) else []
+        if measured(pick[f"export_{fmt}_latency_ms"]):
+            figures.append(f"{number(pick[f'export_{fmt}_latency_ms'])} ms per image")
+        if figures:
+            exports.append(f"{title} {', '.join(figures)}")
+    exported = "; ".join(exports) + " (median at batch 1 on the exporting machine)" if exports else "not exported yet"
+    lines = [f"- **detector**: {detector}", f"- **trial**: {', '.join(ranked)}", f"- **exported**: {exported}"]
+    if measured(pick["registered"]):
+        lines.append(f"- **registered model**: `{pick['registered']}`")
+    return "\n".join(lines)
+
+
+def deployment_view(uri: str, picks: pd.DataFrame) -> None:
+    """Per pick (best first): what deploying it takes, and the command that ships it, ready to copy."""
+    st.subheader("Deploying a pick")
+    for rank, pick in picks.iterrows():
+        label = f"{rank + 1}. {pick['name']}  (sweep {pick['sweep']}, trial {pick['trial']})"
+        with st.expander(label, expanded=rank == 0):
+            st.markdown(deployment_facts(pick))
+            run_id, quoted_uri = pick["run_id"], shlex.quote(uri)
+            if pick["detector"] == "stored":
+                st.caption("Export it to one verified file and register it in the MLflow model registry:")
+                name = shlex.quote(registered_model_name(pick["sweep"]))
+                command = f"cvad export {run_id} --format onnx --register {name} --tracking-uri {quoted_uri}"
+            else:
+                st.caption("Train its configuration again with `cvad run` (which keeps the detector) and export that:")
+                folder = f"trial-{run_id[:8]}"
+                command = (
+                    f"MLFLOW_TRACKING_URI={quoted_uri} mlflow artifacts download --run-id {run_id} "
+                    f"--artifact-path config.yaml --dst-path {folder}\n"
+                    f"cvad run {folder}/config.yaml --out {folder}/run\n"
+                    f"cvad export {folder}/run --format onnx"
+                )
+            st.code(command, language="bash")
+
+
 def main() -> None:
     st.title("cvad: what should the camera run?")
     uri = st.sidebar.text_input("MLflow tracking URI", tracking_uri_from_args())
@@ -250,6 +322,8 @@ def main() -> None:
                 "Some trials ran with random (untrained) backbone weights; "
                 "their figures do not reflect a pretrained model."
             )
+        if not rec.picks.empty:
+            deployment_view(uri, rec.picks)
     usable = trials[trials["status"].eq("FINISHED") & trials[metric].notna()]
     with tab_pareto:
         if usable.empty:

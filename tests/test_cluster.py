@@ -94,6 +94,16 @@ def test_sweep_runs_on_two_nodes_and_lands_in_the_mlflow_server(cluster, tmp_pat
         assert {"result.json", "matrices", "overlays"} <= artifacts  # served by the tracking server
     nodes = {r.data.tags["cvad.worker"].split(":")[0] for r in runs}
     assert len(nodes) == 2, nodes
+    # The top pick's detector, kept on the server, exported, verified and registered there.
+    result = subprocess.run(
+        [str(BIN / "cvad"), "recommend", "--tracking-uri", cluster["uri"], "--register", "cluster-pick"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "registered cluster-pick version 1" in result.stdout
+    version = client.get_model_version("cluster-pick", "1")
+    assert version.tags["tasks"] == "brick+grass" and float(version.tags["export.export_onnx_mb"]) > 0
+    assert client.get_run(version.run_id).data.tags["cvad.registered"] == "cluster-pick:1"
 
 
 def test_a_killed_node_loses_no_trial(cluster, tmp_path):

@@ -3,7 +3,8 @@
 Each case fits two built-in tasks (hex nuts, then brick) on small images with a short budget, then
 checks what the protocol, the accounting and the exporters rely on: output shapes, scores that
 do not depend on batch-mates, a forward that changes nothing, seeds, divergence, stored state
-held as registered tensors, and GFLOPs that count every op.
+held as registered tensors, GFLOPs that count every op, a saved detector that loads back the
+same, and a whole path that exports to ONNX.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch
 
 from cvad.backbones.weights import RandomWeightsWarning
 from cvad.config import ConfigError, validate_config
+from cvad.detector import Detector, detector_bytes, load_detector
 from cvad.efficiency import count_gflops, memory_footprint
+from cvad.export import export_detector
 from cvad.models import METHODS, AnomalyModel
 from cvad.models.components.training import TrainingDivergedError, TrainingParams
 from support import CNN, SIZE, VIT, as_float, build, builtin_images, task_of
@@ -178,3 +181,39 @@ def test_impossible_setups_are_refused_at_validation(config, message):
 def test_defaults_pass_the_setup_check(method):
     backbone = VIT if method == "dinomaly" else CNN
     validate_config({"model": {"name": method}, "backbone": {"name": backbone}})
+
+
+def test_a_saved_detector_loads_back_to_the_same_outputs(case, queries, tmp_path):
+    """``cvad.detector``: what fitting changed is stored, the frozen extractors are rebuilt from their weights."""
+    (_, method, backbone, params), model = case
+    config = run_config(method, backbone, params)
+    path = tmp_path / "detector.pt"
+    path.write_bytes(detector_bytes(model, config, ["hex_nut", "brick"]))
+    loaded = load_detector(path).model
+    assert not any(key.startswith("backbone.") for key in model.fitted_state())  # the frozen network stays out
+    with torch.no_grad():
+        before, after = model(queries), loaded(queries)
+    assert torch.equal(before.image_scores, after.image_scores)
+    assert torch.equal(before.anomaly_maps, after.anomaly_maps)
+
+
+def test_the_whole_path_exports_to_onnx_and_matches(case, queries, tmp_path):
+    """``cvad export``: backbone, heads, scoring and routing in one ONNX graph, checked in ONNX Runtime."""
+    (_, method, backbone, params), model = case
+    detector = Detector(model, run_config(method, backbone, params), ["hex_nut", "brick"])
+    images = (queries * 255).round().to(torch.uint8)
+    report = export_detector(detector, "onnx", tmp_path / "detector.onnx", images)
+    assert report.max_abs_diff_scores <= report.tolerance_scores and report.max_abs_diff_maps <= report.tolerance_maps
+    assert report.weights_bytes > 0 and report.file_bytes >= report.weights_bytes
+
+
+def run_config(method: str, backbone: str, params: dict):
+    """The run config ``fitted`` builds its model from (two built-in tasks, seed 0)."""
+    weights = "random" if backbone == VIT else "imagenet"
+    return validate_config(
+        {
+            "model": {"name": method, "params": params},
+            "backbone": {"name": backbone, "weights": weights},
+            "dataset": {"image_size": SIZE, "tasks": ["hex_nut", "brick"]},
+        }
+    )

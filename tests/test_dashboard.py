@@ -129,6 +129,49 @@ def test_continual_view_opens_on_the_top_pick_with_curves_matrices_and_overlays(
     assert not at.exception and len(at.get("plotly_chart")) == 3 + 3
 
 
+def test_recommendation_says_how_to_deploy_each_pick(store, tmp_path, monkeypatch):
+    """The top pick's stored detector, export figures, registered model and export command; a runner-up without a
+    detector or an export says so and how to get one."""
+    import shlex
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from cvad.config import load_config
+
+    copy = tmp_path / "mlflow.db"  # the shared store's runs stay without exports
+    shutil.copy(store.removeprefix("sqlite:///"), copy)
+    uri = f"sqlite:///{copy}"
+    picks = recommend(load_trials(uri), "pixel_f1").picks
+    assert len(picks) >= 2
+    top, runner_up = picks.iloc[0], picks.iloc[1]
+    mlflow = MlflowClient(uri)
+    exported = {"export_onnx_mb": 1.25, "export_onnx_latency_ms": 3.5, "export_torchscript_mb": 2.5}  # cvad export's
+    now = int(time.time() * 1000)
+    mlflow.log_batch(top["run_id"], metrics=[Metric(k, v, now, 0) for k, v in exported.items()])
+    mlflow.set_tag(top["run_id"], "cvad.detector", "stored")
+    mlflow.set_tag(top["run_id"], "cvad.registered", "dash-pick:3")
+    if runner_up["detector"] == "stored":  # as a run whose detector its sweep did not keep
+        mlflow.delete_tag(runner_up["run_id"], "cvad.detector")
+    at = app(uri, monkeypatch)
+    assert not at.exception
+    first, second = at.tabs[0].expander[:2]
+    facts = first.markdown[0].value
+    assert f"stored in its run (`detector.pt`, {top['detector_mb']:.3g} MB)" in facts
+    assert f"{top['memory_mb']:.3g} MB, {top['gflops']:.3g} GFLOPs" in facts
+    assert "ONNX 1.25 MB, 3.5 ms per image; TorchScript 2.5 MB (median" in facts and "`dash-pick:3`" in facts
+    command = f"cvad export {top['run_id']} --format onnx --register dash-pick --tracking-uri {shlex.quote(uri)}"
+    assert first.code[0].value == command
+    facts = second.markdown[0].value
+    assert "not kept" in facts and "`sweep.detectors: all`" in facts and "not exported yet" in facts
+    download, rerun, export = second.code[0].value.splitlines()
+    assert f"--run-id {runner_up['run_id']} --artifact-path config.yaml" in download
+    config = Path(mlflow.download_artifacts(runner_up["run_id"], "config.yaml", str(tmp_path)))
+    folder = f"trial-{runner_up['run_id'][:8]}"
+    assert rerun == f"cvad run {folder}/config.yaml --out {folder}/run" and load_config(config)
+    assert export == f"cvad export {folder}/run --format onnx"
+
+
 @pytest.fixture(scope="module")
 def two_streams(store, tmp_path_factory) -> str:
     """A copy of the sweep's store plus one trial of the same sweep on another task list (a resumed 'tasks: all')."""

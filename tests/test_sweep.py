@@ -256,6 +256,70 @@ def test_grid_sweep_records_every_trial_in_mlflow_and_optuna(tmp_path, cache):
         run_sweep(raw, tmp_path)
 
 
+def detector_runs(client, runs) -> dict[str, bool]:
+    """Each trial run's id -> whether it holds the fitted detector (artifact and tag agree, or the test fails)."""
+    kept = {}
+    for run in runs:
+        if run.data.tags.get("cvad.role") != "trial":
+            continue
+        artifact = "detector.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert run.data.tags.get("cvad.detector") == ("stored" if artifact else None), run.info.run_id
+        assert run.data.metrics["detector_mb"] > 0  # its size is a metric whether or not the file is kept
+        kept[run.info.run_id] = artifact
+    return kept
+
+
+@pytest.mark.slow
+def test_only_the_trials_on_the_pareto_front_keep_their_fitted_detector(tmp_path, cache):
+    import torch
+
+    from cvad.detector import load_detector
+
+    raw = tiny_sweep("front", cache)
+    lines = []
+    outcome = SweepRunner(SweepSpec(copy.deepcopy(raw)), SweepOptions(store_dir=tmp_path), printer=lines.append).run()
+    assert outcome.completed == 4
+    front = {t.user_attrs["mlflow_run_id"] for t in outcome.best}
+    client, runs = mlflow_runs(tmp_path, "front")
+    kept = detector_runs(client, runs)
+    assert len(kept) == 4 and {run_id for run_id, stored in kept.items() if stored} == front
+    assert 0 < len(front) < 4  # some trials are dominated: the default keeps theirs nowhere
+    assert not any((tmp_path / "detectors").iterdir())  # nothing left staged
+    assert any(f"kept the fitted detectors of {len(front)} trial(s) on the Pareto front" in line for line in lines)
+    path = client.download_artifacts(min(front), "detector.pt", str(tmp_path))
+    detector = load_detector(Path(path))
+    detector.model(torch.rand(1, 3, 48, 48))  # the stored file is a working detector
+
+    # A driver killed before the end leaves files staged: --resume logs the front's, deletes the rest, and leaves
+    # other sweeps' files in the same store alone.
+    staged = tmp_path / "detectors"
+    dominated = min(set(kept) - front)
+    (staged / f"{min(front)}.pt").write_bytes(b"staged by a killed driver")
+    (staged / f"{dominated}.pt").write_bytes(b"dominated")
+    (staged / "another-sweeps-run.pt").write_bytes(b"not this sweep's")
+    run_sweep(raw, tmp_path, resume=True)  # nothing left to run: only the staged files are settled
+    assert sorted(p.name for p in staged.iterdir()) == ["another-sweeps-run.pt"]
+    logged = Path(client.download_artifacts(min(front), "detector.pt", str(tmp_path / "again"))).read_bytes()
+    assert logged == b"staged by a killed driver"
+    assert not detector_runs(client, mlflow_runs(tmp_path, "front")[1])[dominated]
+    # Exporting a dominated trial says why it has no detector and what keeps one.
+    from cvad.deployment import DeploymentError, resolve_source
+
+    with pytest.raises(DeploymentError, match=r"kept no fitted detector.*sweep\.detectors: all.*cvad run"):
+        resolve_source(dominated, f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.mark.slow
+def test_detectors_all_keeps_every_completed_trials_detector(tmp_path, cache):
+    space = {"model": {"name": "padim", "params": {"n_features": [4, 8]}}}
+    raw = tiny_sweep("all", cache, space=space, detectors="all")
+    assert run_sweep(raw, tmp_path).completed == 2
+    client, runs = mlflow_runs(tmp_path, "all")
+    kept = detector_runs(client, runs)
+    assert len(kept) == 2 and all(kept.values())
+    assert not (tmp_path / "detectors").exists()  # logged as they came: nothing staged
+
+
 @pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path, cache):
     raw = tiny_sweep(
@@ -423,6 +487,8 @@ def test_ctrl_c_stops_cleanly_and_resume_reruns_only_the_interrupted(tmp_path, c
         TrialState.WAITING,
     ]  # the grid is queued
     assert study.get_trials()[1].user_attrs["interrupted"] is True
+    assert "kept the fitted detectors of 1 trial(s) on the Pareto front" in log.read_text()  # the front so far
+    assert not any((store / "detectors").iterdir())
 
     outcome = run_sweep(raw, store, resume=True)
     assert (outcome.completed, outcome.failed) == (4, 0)
@@ -435,9 +501,10 @@ def test_ctrl_c_stops_cleanly_and_resume_reruns_only_the_interrupted(tmp_path, c
 
 
 def cut_mid_sweep(database: Path, name: str) -> bool:
-    """Whether the study holds a finished trial and a running one: the moment to cut the power."""
-    states = [t.state for t in optuna.load_study(study_name=name, storage=f"sqlite:///{database}").get_trials()]
-    return TrialState.COMPLETE in states and TrialState.RUNNING in states
+    """Whether the study holds a finished trial and a running one with its MLflow run: the moment to cut the power."""
+    trials = optuna.load_study(study_name=name, storage=f"sqlite:///{database}").get_trials()
+    running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+    return any(t.state == TrialState.COMPLETE for t in trials) and bool(running)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ test images with its ``forward``; efficiency accounting reads ``stored_tensors``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -167,6 +167,40 @@ class AnomalyModel(nn.Module, ABC):
         GFLOPs depend on the shapes of the stored state (banks, Gaussians, prototypes), not on
         its values. Methods whose stored state does not grow with tasks keep this default.
         """
+
+    def frozen_extractors(self) -> dict[str, FeatureExtractor]:
+        """The frozen pretrained networks by module path: rebuilt from their weight source, never stored with a fit."""
+        return {path: module for path, module in self.named_modules() if isinstance(module, FeatureExtractor)}
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        """What fitting changed: ``state_dict()`` without the frozen extractors (see ``cvad.detector``)."""
+        frozen = tuple(f"{path}." for path in self.frozen_extractors())
+        return {key: value for key, value in self.state_dict().items() if not key.startswith(frozen)}
+
+    def load_fitted(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a ``fitted_state()`` of a model built with the same parameters and setup.
+
+        Stored tensors whose shapes depend on the data (banks, Gaussians, prototypes) take the
+        saved shapes; every other key must match exactly, and nothing but the frozen extractors
+        may be missing.
+        """
+        for prefix, module in self.named_modules():
+            if isinstance(module, TensorList):  # as many placeholders as the saved list holds
+                count = sum(1 for key in state if key.rpartition(".")[0] == prefix and key.rpartition(".")[2].isdigit())
+                module.assign([torch.empty(0)] * count)
+        for key, value in state.items():
+            path, _, name = key.rpartition(".")
+            owner = self.get_submodule(path) if path else self
+            if name in owner._buffers:  # data-shaped state (a None buffer included): take the saved shape
+                owner._buffers[name] = torch.empty_like(value)
+        missing, unexpected = self.load_state_dict(dict(state), strict=False)
+        frozen = tuple(f"{path}." for path in self.frozen_extractors())
+        missing = [key for key in missing if not key.startswith(frozen)]
+        if missing or unexpected:
+            raise KeyError(
+                f"{self.name}: the saved state does not fit this configuration "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
 
     @property
     def weights(self) -> WeightsInfo:

@@ -141,7 +141,7 @@ class CFA(AnomalyModel):
 
     def nearest_distances(self, features: torch.Tensor, count: int) -> torch.Tensor:
         """Squared distances of [B, P, d] features to their ``count`` nearest memory entries, ascending."""
-        distances = torch.cdist(features, self.memory.unsqueeze(0).expand(len(features), -1, -1)).pow(2)
+        distances = torch.cdist(features, self.memory.unsqueeze(0).expand(features.shape[0], -1, -1)).pow(2)
         return distances.topk(min(count, len(self.memory)), dim=-1, largest=False).values
 
     def fit_task(self, task: Task) -> None:
@@ -172,7 +172,7 @@ class CFA(AnomalyModel):
         features, grid = self.describe(self.backbone(images))
         nearest = self.nearest_distances(features, self.params.k)
         patch = F.softmin(nearest, dim=-1)[..., 0] * nearest[..., 0]
-        maps = self.head(patch.view(len(images), *grid))
+        maps = self.head(patch.view(images.shape[0], *grid))
         m = self.params.score_margin
         inner = maps[:, m : maps.shape[1] - m, m : maps.shape[2] - m] if m else maps
         return AnomalyOutput(inner.flatten(1).amax(dim=1), maps)

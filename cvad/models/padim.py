@@ -69,7 +69,8 @@ class PaDiM(AnomalyModel):
         generator = torch.Generator().manual_seed(setup.seed)
         self.register_buffer("channel_index", torch.randperm(total, generator=generator)[:d].sort().values)
         self.head = AnomalyMapHead(setup.image_size, params.blur_sigma)
-        self.tasks_merged = 0  # tasks folded into the stored statistics (``original`` weights by it)
+        # Tasks folded into the stored statistics (``original`` weights by it); a buffer so a saved fit resumes.
+        self.register_buffer("tasks_merged", torch.tensor(0))
         # Modes of the stored mixture, filled by fit_task: [K], [K, P, d], [K, P, d, d] or [K, P, d].
         self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))
         self.register_buffer("means", torch.zeros(0))
@@ -100,8 +101,8 @@ class PaDiM(AnomalyModel):
             modes = [self.stored_modes()[0].merge(new)]
         else:  # original: running uniform mean over tasks
             (old,) = self.stored_modes()
-            modes = [uniform_average(old, new, self.tasks_merged)]
-        self.tasks_merged = 1 if rule == "refit" else self.tasks_merged + 1
+            modes = [uniform_average(old, new, int(self.tasks_merged))]
+        self.tasks_merged.fill_(1 if rule == "refit" else int(self.tasks_merged) + 1)
         self.store(modes)
 
     @torch.no_grad()
@@ -114,7 +115,7 @@ class PaDiM(AnomalyModel):
         self.counts = self.counts.new_ones(modes)
         self.means = torch.zeros(modes, positions, dim, device=self.channel_index.device)
         self.shapes = torch.zeros(shape, device=self.channel_index.device)
-        self.tasks_merged = 1 if self.params.continual == "refit" else tasks
+        self.tasks_merged.fill_(1 if self.params.continual == "refit" else tasks)
 
     def stored_modes(self) -> list[GaussianStats]:
         """The stored statistics back as float64 GaussianStats with biased covariances."""

@@ -33,7 +33,7 @@ from cvad.models.base import (
     TensorList,
     feature_layers,
 )
-from cvad.models.components.coreset import greedy_k_center, nearest
+from cvad.models.components.coreset import DISTANCE_BLOCK, greedy_k_center, nearest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
 from cvad.models.paper import DESCRIPTOR_LAYERS
 
@@ -151,21 +151,62 @@ class PatchCore(AnomalyModel):
         if self.params.continual == "cl++":
             self.prototypes = deep.new_zeros(tasks, *deep.shape[1:])
 
+    def route(self, deep: torch.Tensor) -> torch.Tensor:
+        """CL++: each image's task [B], its nearest prototype (argmin of |p|^2 - 2 x.p = squared distance - |x|^2)."""
+        prototypes = self.prototypes.flatten(1)
+        return torch.addmm(prototypes.square().sum(dim=1), deep.flatten(1), prototypes.T, alpha=-2).argmin(dim=1)
+
     def score_bank(self, patches: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch scores [B, P] and reweighted image scores [B] of patches against one bank."""
+        """Patch scores [B, P] and reweighted image scores [B] of patches against one bank [M, d]."""
         b, p, d = patches.shape
         dist, index = nearest(patches.reshape(-1, d), bank)
         patch_scores = dist.view(b, p)
+        return patch_scores, self.reweighted(patches, patch_scores, index.view(b, p), bank)
+
+    def score_routed(self, patches: torch.Tensor, routes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CL++: each image against its routed task's bank, as ``score_bank`` does.
+
+        The equal-sized banks are stacked and gathered per image, and the distance block is cut
+        along the patches (at most ``DISTANCE_BLOCK`` entries per image): no loop that depends on
+        the routes or the batch size, so this path exports (``cvad export``) with a free batch size.
+        """
+        bank = torch.stack(tuple(self.banks)).index_select(0, routes)  # [B, M, d]
+        bank_norms = bank.square().sum(dim=2).unsqueeze(1)
+        chunk = max(1, DISTANCE_BLOCK // bank.shape[1])
+        scores, index = [], []
+        for block in patches.split(chunk, dim=1):
+            value, nearest_index = torch.baddbmm(bank_norms, block, bank.transpose(1, 2), alpha=-2).min(dim=2)
+            scores.append(value.add_(block.square().sum(dim=2)).clamp_min_(0).sqrt_())
+            index.append(nearest_index)
+        patch_scores, index = torch.cat(scores, dim=1), torch.cat(index, dim=1)
+        return patch_scores, self.reweighted(patches, patch_scores, index, bank)
+
+    def reweighted(
+        self, patches: torch.Tensor, patch_scores: torch.Tensor, index: torch.Tensor, bank: torch.Tensor
+    ) -> torch.Tensor:
+        """Image scores [B]: the worst patch's score s* reweighted by how isolated its nearest bank entry is.
+
+        ``index`` [B, P] is each patch's nearest entry in ``bank``: one bank [M, d], or one per image [B, M, d].
+        """
+        rows = torch.arange(patches.shape[0], device=patches.device)
         worst = patch_scores.argmax(dim=1)
-        worst_feature = patches[torch.arange(b), worst]  # m*
-        worst_score = patch_scores[torch.arange(b), worst]  # s*
-        nearest_entry = bank[index.view(b, p)[torch.arange(b), worst]]  # m_hat
-        k = min(self.params.num_neighbors, bank.shape[0])
-        # N_b(m_hat): the b bank entries closest to m_hat (m_hat itself first, at distance 0).
-        support = torch.cdist(nearest_entry, bank).topk(k, largest=False).indices
-        support_dist = (worst_feature.unsqueeze(1) - bank[support]).norm(dim=-1)
+        worst_feature = patches[rows, worst]  # m*
+        worst_score = patch_scores[rows, worst]  # s*
+        k = min(self.params.num_neighbors, bank.shape[-2])
+        # N_b(m_hat): the b bank entries closest to m_hat (m_hat itself first, at distance 0), ranked by
+        # |m|^2 - 2 m_hat.m (the squared distance less |m_hat|^2, a constant): matmuls, which export.
+        if bank.dim() == 2:
+            nearest_entry = bank[index[rows, worst]]  # m_hat
+            ranking = torch.addmm(bank.square().sum(dim=1), nearest_entry, bank.T, alpha=-2)
+            support = bank[ranking.topk(k, largest=False).indices]
+        else:
+            nearest_entry = bank[rows, index[rows, worst]].unsqueeze(1)
+            norms = bank.square().sum(dim=2).unsqueeze(1)
+            ranking = torch.baddbmm(norms, nearest_entry, bank.transpose(1, 2), alpha=-2).squeeze(1)
+            support = bank[rows.unsqueeze(1), ranking.topk(k, largest=False).indices]
+        support_dist = (worst_feature.unsqueeze(1) - support).norm(dim=-1)
         weight = 1 - torch.softmax(support_dist, dim=1)[:, 0]
-        return patch_scores, weight * worst_score
+        return weight * worst_score
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if not self.banks:
@@ -173,18 +214,23 @@ class PatchCore(AnomalyModel):
         patches, grid, deep = self.features(images)
         mode = self.params.continual
         if mode == "cl++":
-            routes = torch.cdist(deep.flatten(1), self.prototypes.flatten(1)).argmin(dim=1)
-            patch_scores = patches.new_empty(patches.shape[:2])
-            image_scores = patches.new_empty(patches.shape[0])
-            for t in routes.unique().tolist():
-                rows = (routes == t).nonzero().flatten()
-                patch_scores[rows], image_scores[rows] = self.score_bank(patches[rows], self.banks[t])
+            routes = self.route(deep)
+            if len({len(bank) for bank in self.banks}) == 1:
+                patch_scores, image_scores = self.score_routed(patches, routes)
+            else:  # a task with fewer patches than B/T left a smaller bank: score each route's images apart
+                patch_scores = patches.new_empty(patches.shape[:2])
+                image_scores = patches.new_empty(patches.shape[0])
+                for t in routes.unique().tolist():
+                    rows = (routes == t).nonzero().flatten()
+                    patch_scores[rows], image_scores[rows] = self.score_bank(patches[rows], self.banks[t])
         else:
             scored = [self.score_bank(patches, bank) for bank in self.banks]
             all_images = torch.stack([s[1] for s in scored])  # [K, B]
             routes = all_images.argmin(dim=0)
             image_scores = all_images.gather(0, routes.unsqueeze(0)).squeeze(0)
-            patch_scores = torch.stack([s[0] for s in scored])[routes, torch.arange(len(routes))]
+            patch_scores = torch.stack([s[0] for s in scored])[
+                routes, torch.arange(routes.shape[0], device=routes.device)
+            ]
         maps = self.head(patch_scores.view(-1, *grid))
         return AnomalyOutput(image_scores, maps, routes if mode != "refit" else None)
 

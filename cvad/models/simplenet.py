@@ -123,7 +123,7 @@ class SimpleNet(AnomalyModel):
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         features, grid = self.patch_features(self.backbone(images))
-        patch_scores = -self.discriminator(features).view(len(images), *grid)
+        patch_scores = -self.discriminator(features).view(images.shape[0], *grid)
         maps = self.head(patch_scores)
         return AnomalyOutput(maps.flatten(1).amax(dim=1), maps)
 

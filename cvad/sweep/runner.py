@@ -19,6 +19,12 @@ task stream once (``check_data``): a dataset that cannot be read stops the sweep
 created. The concrete task lists found there (``tasks: all`` and presets resolved) are pinned in
 the study (user attr ``tasks``) and written into every trial's ``dataset.tasks``; ``--resume``
 refuses a dataset whose categories changed since (``pin_tasks``).
+
+A trial's fitted detector (``detector.pt``) reaches the driver with its other files; ``sweep.detectors``
+says which runs keep it. ``front`` stages it on the driver's disk (``store_dir/detectors/<run id>.pt``)
+until the session ends (or is interrupted): the trials then on the Pareto front get theirs logged to their
+runs, and every staged file of the sweep is deleted. A front only loses trials as trials are added, so a
+file not kept then is never needed later; files a killed driver left staged are settled by ``--resume``.
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ from optuna.trial import FrozenTrial, TrialState
 import cvad
 from cvad.config import ConfigError, DatasetConfig, RunConfig
 from cvad.data import DatasetError, load_task_stream
+from cvad.detector import DETECTOR_FILE
 from cvad.pareto import pareto_front
 from cvad.sweep.spec import SweepSpec, describe_dataset, objective_values, tasks_key
 from cvad.tracking import DataInput, SweepTracker, resolve_tracking_uri
-from cvad.trial import RESULT_SCHEMA
+from cvad.trial import RESULT_SCHEMA, write_atomic
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -396,6 +403,7 @@ class SweepRunner:
     def run(self) -> SweepOutcome:
         spec, settings = self.spec, self.spec.settings
         self.tasks = self.check_data()  # before the study, the MLflow experiment and Ray exist
+        self.options.store_dir.mkdir(parents=True, exist_ok=True)  # Optuna's sqlite file, even with a remote MLflow
         started = time.perf_counter()
         tracker = SweepTracker(self.options.resolved_tracking_uri(), spec.name, artifact_root=self.artifact_root())
         study = self.open_study()
@@ -415,6 +423,7 @@ class SweepRunner:
             f"MLflow {tracker.uri} (experiment {spec.name})"
         )
         if self.remaining == 0:
+            self.keep_front_detectors(study, tracker)
             tracker.end_sweep(parent, "FINISHED", {})
             return self.outcome(study, interrupted=False)
 
@@ -428,6 +437,7 @@ class SweepRunner:
         except KeyboardInterrupt:
             self.interrupt(session)
             return self.outcome(study, interrupted=True)
+        self.keep_front_detectors(study, tracker)
         outcome = self.outcome(study, interrupted=False)
         tracker.end_sweep(parent, "FINISHED", {"trials_completed": outcome.completed, "trials_failed": outcome.failed})
         return outcome
@@ -640,7 +650,9 @@ class SweepRunner:
         tracker, running, output = session.tracker, outcome.running, outcome.output
         number, run_id = running.trial.number, running.run_id
         seconds = time.perf_counter() - running.started
+        detector = None
         if output is not None:
+            detector = output["artifacts"].pop(DETECTOR_FILE, None)  # kept or not by sweep.detectors, below
             record = output["record"]
             tracker.tag_worker(run_id, output["worker"])
             for step in (s.get("step") for s in record["steps"]):  # steps whose live report was lost
@@ -657,11 +669,49 @@ class SweepRunner:
                 f"{outcome.error}"
             )
             return
+        if detector is not None:
+            self.keep_detector(tracker, run_id, detector)
         tracker.end_trial(run_id, "FINISHED")
         self.tell(session.study, running.trial, output["record"])
         shown = ", ".join(f"{o.metric} {v:.4g}" for o, v in zip(self.spec.settings.objectives, outcome.values))
         weights = "" if output["record"]["weights"]["pretrained"] else "  [RANDOM WEIGHTS]"
         self.say(f"[{self.elapsed()}] trial {number} done in {seconds:.0f}s: {shown}{weights}")
+
+    # -- fitted detectors ----------------------------------------------------------------------
+    def staged_detector(self, run_id: str) -> Path:
+        """Where ``front`` keeps a completed trial's detector until the session knows the final front."""
+        return self.options.store_dir / "detectors" / f"{run_id}.pt"
+
+    def keep_detector(self, tracker: SweepTracker, run_id: str, data: bytes) -> None:
+        """Log a completed trial's detector now (``all``), stage it until the front is known (``front``), or drop it."""
+        policy = self.spec.settings.detectors
+        if policy == "all":
+            tracker.store_detector(run_id, data)
+        elif policy == "front":
+            path = self.staged_detector(run_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data)
+
+    def keep_front_detectors(self, study: optuna.Study, tracker: SweepTracker) -> None:
+        """Log the staged detectors of the trials on the Pareto front to their runs; delete the sweep's staged files.
+
+        Only this study's runs' files are touched: other sweeps in the same store stage theirs beside them.
+        """
+        run_ids = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False)} - {None}
+        staged = {run_id: path for run_id in run_ids if (path := self.staged_detector(run_id)).is_file()}
+        if not staged:
+            return
+        front = [t.user_attrs.get("mlflow_run_id") for t in best_trials(study, self.spec)]
+        kept = [run_id for run_id in front if run_id in staged]
+        for run_id in kept:
+            tracker.store_detector(run_id, staged[run_id].read_bytes())
+        for path in staged.values():
+            path.unlink()
+        if kept:
+            self.say(
+                f"kept the fitted detectors of {len(kept)} trial(s) on the Pareto front (detector.pt in their MLflow "
+                "runs; export one with: cvad export RUN_ID --format onnx)"
+            )
 
     def interrupt(self, session: Session) -> None:
         """Ctrl-C: log what finished, cancel the running trials and mark them interrupted."""
@@ -673,6 +723,7 @@ class SweepRunner:
             session.study.tell(running.trial, state=TrialState.FAIL)
             session.tracker.end_trial(running.run_id, "KILLED")
         self.running.clear()
+        self.keep_front_detectors(session.study, session.tracker)
         session.tracker.end_sweep(session.parent, "KILLED", {})
         self.say(
             f"[{self.elapsed()}] interrupted: finished trials stay recorded; continue with "

@@ -113,6 +113,11 @@ class SweepSettings(StrictModel):
     feature_cache: bool = Field(
         True, description="share frozen networks' outputs per training image between trials ($CVAD_CACHE/features)"
     )
+    detectors: Literal["front", "all", "none"] = Field(
+        "front",
+        description="which completed trials keep their fitted detector (detector.pt) as an MLflow artifact: "
+        "front = the trials on the sweep's Pareto front at its end, all, or none; front keeps the stores small",
+    )
 
     @field_validator("objectives", mode="before")
     @classmethod
@@ -283,9 +288,10 @@ class SweepSpec:
         return len(self.grid_points or [])
 
     def stored_form(self) -> dict:
-        """What identifies the sweep for --resume: everything but the trial count."""
+        """What identifies the sweep for --resume: everything but the trial count and which detectors are kept."""
         raw = copy.deepcopy(self.raw)
         raw.get("sweep", {}).pop("n_trials", None)
+        raw.get("sweep", {}).pop("detectors", None)
         return raw
 
 

@@ -75,8 +75,10 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, to
     """
     bank_norms = bank.square().sum(dim=1)
     rows = max(1, DISTANCE_BLOCK // max(1, bank.shape[0]))
+    # An exported graph takes one block: a block count that depends on the batch would fix the batch size.
+    blocks = [queries] if torch.compiler.is_exporting() else queries.split(rows)
     dists, indices = [], []
-    for block in queries.split(rows):
+    for block in blocks:
         partial = torch.addmm(bank_norms, block, bank.T, alpha=-2)
         value, index = partial.min(dim=1)
         dists.append(value.add_(block.square().sum(dim=1)).clamp_min_(0).sqrt_())

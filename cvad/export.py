@@ -1,0 +1,283 @@
+"""A fitted detector as one self-contained file for the device: ONNX or TorchScript, verified before it is written.
+
+The exported graph is the whole deployed path (``AnomalyModel.forward``: backbone, heads,
+scoring, task routing) behind an input step: a uint8 (0-255) or float (0-1) image batch
+``[B, 3, S, S]`` in, ``image_scores [B]`` and ``anomaly_maps [B, S, S]`` out; the batch size
+is free. Before the file is moved into place, it runs on the run's own test images in its
+own runtime (ONNX Runtime, or the loaded TorchScript module) and its outputs are compared
+with PyTorch's; a difference over the tolerance fails the export and writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from cvad.detector import Detector
+from cvad.efficiency import time_calls
+
+Format = Literal["onnx", "torchscript"]
+InputKind = Literal["uint8", "float"]
+FORMATS: tuple[str, ...] = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+OUTPUT_NAMES = ("image_scores", "anomaly_maps")
+RELATIVE_TOLERANCE = 1e-3  # of the largest |value| PyTorch gives on the checked images, per output
+VERIFY_BATCH = 4  # images per verification call: a batch size other than the example's 2, so a baked-in size fails
+
+
+class ExportError(RuntimeError):
+    """A detector that could not be exported or whose export does not match PyTorch; the message says which."""
+
+
+class DeployedDetector(nn.Module):
+    """What the device runs: an image batch in its camera's type -> (image scores, anomaly maps)."""
+
+    def __init__(self, model: nn.Module, input_kind: InputKind) -> None:
+        super().__init__()
+        self.model = model
+        self.input_kind = input_kind
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = images.float().div(255.0) if self.input_kind == "uint8" else images
+        out = self.model(pixels)
+        return out.image_scores, out.anomaly_maps
+
+
+@dataclass
+class ExportReport:
+    """What an export produced and how it compares with PyTorch and with the run's own figures."""
+
+    format: str
+    path: str
+    input: str  # e.g. "uint8 [B, 3, 224, 224]"
+    file_bytes: int
+    file_mb: float  # 2^20 bytes
+    weights_bytes: int  # the tensors stored in the file (ONNX initializers / TorchScript parameters and buffers)
+    weights_bytes_by_dtype: dict[str, int]
+    images_checked: int
+    max_abs_diff_scores: float
+    max_abs_diff_maps: float
+    tolerance_scores: float
+    tolerance_maps: float
+    latency_ms: float  # the exported file in its runtime, batch 1, median
+    latency_iqr_ms: float
+    pytorch_latency_ms: float  # the PyTorch model, same images, same machine, same threads
+    threads: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def metrics(self) -> dict[str, float]:
+        """What is logged on the trial's MLflow run, beside memory_mb, gflops and latency_ms."""
+        prefix = f"export_{self.format}"
+        return {
+            f"{prefix}_mb": self.file_mb,
+            f"{prefix}_latency_ms": self.latency_ms,
+            f"{prefix}_max_abs_diff_scores": self.max_abs_diff_scores,
+            f"{prefix}_max_abs_diff_maps": self.max_abs_diff_maps,
+        }
+
+
+def verification_images(detector: Detector, per_task: int = 4) -> torch.Tensor:
+    """Up to ``per_task`` test images of every task the detector learned (good and defective alternating), uint8."""
+    from cvad.data import load_task_stream
+    from cvad.data.base import read_rgb
+
+    size = detector.config.dataset.image_size
+    images = []
+    for split in load_task_stream(detector.config.dataset.model_copy(update={"tasks": detector.tasks})):
+        good = [s for s in split.test if s.label == 0]
+        bad = [s for s in split.test if s.label == 1]
+        mixed = [s for pair in zip(bad, good) for s in pair] + bad[len(good) :] + good[len(bad) :]
+        images += [read_rgb(sample.image, size) for sample in mixed[:per_task]]
+    return torch.stack(images)
+
+
+def export_detector(
+    detector: Detector,
+    fmt: Format,
+    out: Path,
+    images: torch.Tensor,
+    input_kind: InputKind = "uint8",
+    relative_tolerance: float = RELATIVE_TOLERANCE,
+) -> ExportReport:
+    """Export ``detector`` to ``out``, verified on ``images`` (uint8 [N, 3, S, S]); nothing is written if it fails."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    deployed = DeployedDetector(detector.model.eval(), input_kind).eval()
+    inputs = images if input_kind == "uint8" else images.float() / 255
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    os.close(handle)
+    try:
+        with torch.no_grad():
+            expected = [deployed(batch) for batch in inputs.split(VERIFY_BATCH)]
+        example = inputs[:1].expand(2, -1, -1, -1).contiguous()  # torch.export holds a batch of 1 to size 1
+        runtime = (to_onnx if fmt == "onnx" else to_torchscript)(deployed, example, Path(partial), detector)
+        try:
+            got = [runtime.run(batch) for batch in inputs.split(VERIFY_BATCH)]
+        except Exception as exc:  # e.g. a batch size the graph fixed, or an op the runtime lacks
+            raise ExportError(f"the {fmt} export of {describe(detector)} does not run in its runtime: {exc}") from None
+        diffs, tolerances = compare(expected, got, relative_tolerance)
+        if any(d > t for d, t in zip(diffs, tolerances)):
+            raise ExportError(
+                f"the {fmt} export of {detector.model.name} does not match PyTorch on the run's test images: "
+                f"max |difference| scores {diffs[0]:.3g} (tolerance {tolerances[0]:.3g}), "
+                f"maps {diffs[1]:.3g} (tolerance {tolerances[1]:.3g}); nothing was written"
+            )
+        one = inputs[:1]
+        exported_time = time_calls(lambda: runtime.run(one))
+        with torch.inference_mode():
+            pytorch_time = time_calls(lambda: deployed(one))
+        os.replace(partial, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+    size = detector.config.dataset.image_size
+    return ExportReport(
+        format=fmt,
+        path=str(out),
+        input=f"{input_kind} [B, 3, {size}, {size}]",
+        file_bytes=out.stat().st_size,
+        file_mb=out.stat().st_size / 2**20,
+        weights_bytes=sum(runtime.weights_bytes.values()),
+        weights_bytes_by_dtype=runtime.weights_bytes,
+        images_checked=len(inputs),
+        max_abs_diff_scores=diffs[0],
+        max_abs_diff_maps=diffs[1],
+        tolerance_scores=tolerances[0],
+        tolerance_maps=tolerances[1],
+        latency_ms=exported_time.median_ms,
+        latency_iqr_ms=exported_time.iqr_ms,
+        pytorch_latency_ms=pytorch_time.median_ms,
+        threads=torch.get_num_threads(),
+    )
+
+
+def compare(
+    expected: list[tuple[torch.Tensor, ...]], got: list[tuple[np.ndarray, ...]], relative_tolerance: float
+) -> tuple[list[float], list[float]]:
+    """Max |difference| per output over every batch, and each output's tolerance (relative to its largest value)."""
+    diffs, tolerances = [], []
+    for index in range(len(OUTPUT_NAMES)):
+        reference = np.concatenate([batch[index].numpy() for batch in expected])
+        exported = np.concatenate([batch[index] for batch in got])
+        if exported.shape != reference.shape:
+            raise ExportError(
+                f"the export returned {OUTPUT_NAMES[index]} of shape {exported.shape}, not {reference.shape}"
+            )
+        diff = np.abs(exported.astype(np.float64) - reference).max()
+        diffs.append(float(diff) if np.isfinite(diff) else float("inf"))
+        tolerances.append(relative_tolerance * max(float(np.abs(reference).max()), 1e-6))
+    return diffs, tolerances
+
+
+class OnnxRuntime:
+    """An exported ONNX file in ONNX Runtime (CPU, as many threads as torch uses here)."""
+
+    def __init__(self, path: Path) -> None:
+        import onnx
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.weights_bytes = onnx_weights_bytes(onnx.load(str(path)))
+
+    def run(self, images: torch.Tensor) -> tuple[np.ndarray, ...]:
+        return tuple(self.session.run(list(OUTPUT_NAMES), {"images": images.numpy()}))
+
+
+class TorchScriptRuntime:
+    """An exported TorchScript file, loaded back as the device would load it."""
+
+    def __init__(self, path: Path) -> None:
+        self.module = torch.jit.load(str(path), map_location="cpu").eval()
+        self.weights_bytes: dict[str, int] = {}
+        for tensor in [*self.module.parameters(), *self.module.buffers()]:
+            key = str(tensor.dtype).removeprefix("torch.")
+            self.weights_bytes[key] = self.weights_bytes.get(key, 0) + tensor.numel() * tensor.element_size()
+
+    def run(self, images: torch.Tensor) -> tuple[np.ndarray, ...]:
+        with torch.inference_mode():
+            return tuple(output.numpy() for output in self.module(images))
+
+
+def onnx_weights_bytes(model) -> dict[str, int]:
+    """Bytes of an ONNX graph's stored tensors (initializers) by element type."""
+    import onnx
+
+    sizes: dict[str, int] = {}
+    for initializer in model.graph.initializer:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)
+        key = np.dtype(dtype).name
+        sizes[key] = sizes.get(key, 0) + int(np.prod(initializer.dims, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return sizes
+
+
+def to_onnx(deployed: DeployedDetector, example: torch.Tensor, path: Path, detector: Detector) -> OnnxRuntime:
+    """torch.export the deployed path with a free batch size, convert it to ONNX and load it in ONNX Runtime."""
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
+            warnings.simplefilter("ignore")
+            # torch.export first and on its own: torch.onnx.export would quietly fix a batch size it cannot keep free.
+            program = torch.export.export(
+                deployed, (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, strict=False
+            )
+            onnx_program = torch.onnx.export(
+                program, dynamo=True, input_names=["images"], output_names=list(OUTPUT_NAMES), external_data=False
+            )
+            onnx_program.save(str(path))
+    except Exception as exc:
+        raise ExportError(f"{describe(detector)} cannot export to ONNX: {blocker(exc)}") from None
+    return OnnxRuntime(path)
+
+
+def to_torchscript(
+    deployed: DeployedDetector, example: torch.Tensor, path: Path, detector: Detector
+) -> TorchScriptRuntime:
+    """Trace the deployed path (verification then runs batches of another size, so a baked-in shape fails)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # trace's own warnings (deprecation, constants); verification decides
+            traced = torch.jit.trace(deployed, example, check_trace=False)
+        torch.jit.save(traced, str(path))
+    except Exception as exc:
+        raise ExportError(f"{describe(detector)} cannot export to TorchScript: {blocker(exc)}") from None
+    return TorchScriptRuntime(path)
+
+
+def describe(detector: Detector) -> str:
+    variant = detector.config.model.params.get("continual")
+    return f"{detector.model.name}{f' ({variant})' if variant else ''} on {detector.config.backbone.name}"
+
+
+def blocker(exc: BaseException) -> str:
+    """The op or the line of cvad's code that stopped an export, out of torch's long error text."""
+    text = str(exc)
+    missing = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", text)
+    if missing:
+        return f"ONNX has no conversion for the op {missing.group(1)}"
+    summary = re.search(r"## Exception summary\s*\n\s*(.+?)(?:\n\n|\(Refer|$)", text, re.S)
+    if summary:
+        reason = summary.group(1)
+    else:  # torch.export's own errors: a headline, then "- " lines with the detail
+        lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__]
+        reason = " ".join([lines[0], *(line for line in lines[1:3] if line.startswith("- "))])
+    reason = " ".join(reason.split())[:400]
+    calls = re.findall(r'File "([^"]*/cvad/[^"]+)", line (\d+), in \w+\n\s*(.+)', text)
+    if calls:
+        file, line, code = calls[-1]
+        return f"`{code.strip()}` ({Path(file).name}:{line}) does not trace: {reason}"
+    return reason

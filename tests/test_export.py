@@ -1,0 +1,193 @@
+"""From a run to the device: the kept detector, `cvad export` verified against PyTorch, the MLflow registry,
+and the README's device-side lines run on the exported file."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cvad.config import validate_config
+from cvad.data.base import read_rgb
+from cvad.detector import DETECTOR_FILE, DetectorError, load_detector
+from cvad.export import ExportError, export_detector, verification_images
+from cvad.trial import run_trial
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(cache: Path, **params) -> dict:
+    return {
+        "dataset": {
+            "image_size": 48,
+            "batch_size": 4,
+            "cache_dir": str(cache),
+            "builtin": {
+                "categories": ["brick", "grass"],
+                "resolution": 48,
+                "train_per_category": 4,
+                "test_good_per_category": 2,
+                "test_defects_per_category": 2,
+            },
+        },
+        "model": {"name": "patchcore", "params": {"continual": "cl++", "bank_size": 200, **params}},
+        "strategy": {"name": "finetune"},
+        "measure_latency": False,
+    }
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A `cvad run` of PatchCoreCL++ over two built-in tasks: the folder with result.json and detector.pt."""
+    root = tmp_path_factory.mktemp("export")
+    config = root / "tiny.yaml"
+    config.write_text(json.dumps(tiny_config(root / "cache")))
+    out = root / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "cvad", "run", str(config), "--out", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"cvad export {out} --format onnx" in done.stdout
+    return out
+
+
+def cvad(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cvad", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_a_run_keeps_its_detector_and_loads_it_back_as_it_was(run_dir):
+    record = json.loads((run_dir / "result.json").read_text())
+    path = run_dir / DETECTOR_FILE
+    assert record["detector"] == {
+        "file": DETECTOR_FILE,
+        "bytes": path.stat().st_size,
+        "mb": path.stat().st_size / 2**20,
+    }
+    # What fitting changed, not the frozen backbone: smaller than the deployed model.
+    assert record["detector"]["mb"] < record["efficiency"]["memory_mb"]
+    detector = load_detector(path)
+    assert detector.tasks == record["tasks"] and detector.config.to_dict() == record["config"]
+    assert [len(bank) for bank in detector.model.banks] == [100, 100]
+    images = verification_images(detector).float() / 255
+    assert len(images) == 8  # 4 test images of each task
+    with torch.no_grad():
+        out = detector.model(images)
+    assert out.routed_tasks.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # CL++ routes each task's images home
+
+
+def test_a_detector_refuses_a_backbone_it_was_not_fitted_on(run_dir, tmp_path):
+    content = torch.load(run_dir / DETECTOR_FILE, weights_only=True)
+    content["frozen"]["backbone"]["digest"] = "0" * 32
+    torch.save(content, tmp_path / DETECTOR_FILE)
+    with pytest.raises(DetectorError, match="not the ones the detector was fitted on"):
+        load_detector(tmp_path / DETECTOR_FILE)
+    (tmp_path / "other.pt").write_bytes(b"not a detector")
+    with pytest.raises(DetectorError, match="not a readable cvad detector file"):
+        load_detector(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize(("file_format", "input_kind"), [("onnx", "uint8"), ("torchscript", "float")])
+def test_cli_export_writes_a_verified_file_and_reports_it(run_dir, tmp_path, file_format, input_kind):
+    out = tmp_path / f"detector.{file_format}"
+    done = cvad("export", str(run_dir), "--format", file_format, "--input", input_kind, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(Path(f"{out}.json").read_text())
+    assert report["file_bytes"] == out.stat().st_size and report["images_checked"] == 8
+    assert report["max_abs_diff_scores"] <= report["tolerance_scores"]
+    assert report["max_abs_diff_maps"] <= report["tolerance_maps"]
+    assert report["latency_ms"] > 0 and report["pytorch_latency_ms"] > 0
+    assert f"wrote {out}" in done.stdout and "the trial:  memory_mb" in done.stdout
+    # The file stores the deployed model: the record's memory less what the format folds (batch norms into
+    # convolutions, ONNX) and plus small int64 indices.
+    memory = json.loads((run_dir / "result.json").read_text())["efficiency"]["memory_bytes"]
+    if file_format == "torchscript":
+        assert abs(report["weights_bytes"] - memory) < 0.01 * memory
+    else:
+        assert 0.9 * memory < report["weights_bytes"] <= memory
+
+
+def test_the_readme_device_lines_run_the_export_without_cvad(run_dir, tmp_path):
+    """Exactly the README's lines, in a process that imports no cvad, give PyTorch's score for the image."""
+    block = README.read_text().split("<!-- device-check -->", 1)[1]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    detector = load_detector(run_dir / DETECTOR_FILE)
+    export_detector(detector, "onnx", tmp_path / "detector.onnx", verification_images(detector))
+    image = next((run_dir.parent / "cache").rglob("test/*/*.png"))
+    shutil.copy(image, tmp_path / "part.png")
+    check = code + "\nimport sys\nassert not [m for m in sys.modules if m.split('.')[0] == 'cvad']\n"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    score = float(re.search(r"anomaly score (\S+),", done.stdout).group(1))
+    with torch.no_grad():
+        expected = detector.model(read_rgb(image, 48).unsqueeze(0).float() / 255).image_scores.item()
+    assert score == pytest.approx(expected, abs=2e-4)
+
+
+def test_an_export_that_does_not_match_pytorch_writes_nothing(run_dir, tmp_path):
+    detector = load_detector(run_dir / DETECTOR_FILE)
+    out = tmp_path / "strict.onnx"
+    with pytest.raises(ExportError, match="does not match PyTorch"):
+        export_detector(detector, "onnx", out, verification_images(detector), relative_tolerance=0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_that_cannot_export_names_what_stops_it(tmp_path):
+    """CL++ banks of unequal sizes (a task with fewer patches than B/T) are scored route by route: a loop over
+    the routes that no static graph holds."""
+    raw = tiny_config(tmp_path / "cache", bank_size=600)
+    raw["dataset"]["builtin"]["train_per_category"] = {"brick": 4, "grass": 1}
+    out = tmp_path / "run"
+    out.mkdir()
+    record = run_trial(validate_config(raw), output_dir=out)
+    detector = load_detector(out / DETECTOR_FILE)
+    assert len({len(bank) for bank in detector.model.banks}) == 2, record["config"]
+    with pytest.raises(ExportError, match=r"patchcore \(cl\+\+\) .* cannot export to ONNX: .*routes\.unique\(\)"):
+        export_detector(detector, "onnx", tmp_path / "d.onnx", verification_images(detector))
+    assert not (tmp_path / "d.onnx").exists()
+
+
+def test_register_logs_a_model_version_with_the_trials_figures(run_dir, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = cvad("export", str(run_dir), "--out", str(tmp_path / "d.onnx"), "--register", "edge-camera",
+                "--tracking-uri", uri)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "registered edge-camera version 1" in done.stdout
+    client = MlflowClient(uri)
+    version = client.get_model_version("edge-camera", "1")
+    record = json.loads((run_dir / "result.json").read_text())
+    assert version.tags["tasks"] == "brick+grass" and version.tags["dataset"] == "builtin"
+    assert float(version.tags["budget.memory_mb"]) == pytest.approx(record["efficiency"]["memory_mb"])
+    assert float(version.tags["metric.image_auroc"]) == pytest.approx(record["final"]["image_auroc"])
+    assert float(version.tags["export.export_onnx_mb"]) > 0
+    assert client.get_run(version.run_id).data.tags["cvad.registered"] == "edge-camera:1"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # models:/ URIs resolve there (restored after the test)
+    model = mlflow.pyfunc.load_model("models:/edge-camera/1")
+    assert [spec.name for spec in model.metadata.get_input_schema().inputs] == ["images"]
+    image = read_rgb(next((run_dir.parent / "cache").rglob("test/*/*.png")), 48).unsqueeze(0).numpy()
+    scores = model.predict(image)["image_scores"]
+    detector = load_detector(run_dir / DETECTOR_FILE)
+    with torch.no_grad():
+        expected = detector.model(torch.from_numpy(image).float() / 255).image_scores.numpy()
+    assert np.allclose(scores, expected, atol=2e-4)
+
+
+def test_bad_sources_say_what_to_give(tmp_path):
+    from typer.testing import CliRunner
+
+    from cvad.cli import cli
+
+    done = CliRunner().invoke(cli, ["export", str(tmp_path / "nowhere")])
+    assert done.exit_code == 2 and "neither a folder, a file nor an MLflow run id" in done.stderr
+    done = CliRunner().invoke(cli, ["export", str(tmp_path)])
+    assert done.exit_code == 2 and "no detector file at" in done.stderr

@@ -17,7 +17,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -28,8 +28,7 @@ from cvad.efficiency import time_calls
 
 Format = Literal["onnx", "torchscript"]
 InputKind = Literal["uint8", "float"]
-FORMATS: tuple[str, ...] = ("onnx", "torchscript")
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS: tuple[str, ...] = get_args(Format)
 OUTPUT_NAMES = ("image_scores", "anomaly_maps")
 RELATIVE_TOLERANCE = 1e-3  # of the largest |value| PyTorch gives on the checked images, per output
 VERIFY_BATCH = 4  # images per verification call: a batch size other than the example's 2, so a baked-in size fails

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from cvad.detector import DETECTOR_FILE
 from cvad.export import OUTPUT_NAMES, ExportReport
+from cvad.tracking import log_metrics
 from cvad.trial import RECORD_FILE
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -91,11 +91,8 @@ def log_export(source: ExportSource, report: ExportReport) -> None:
     if source.run_id is None:
         return
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    metrics = [Metric(key, value, now, 0) for key, value in report.metrics().items()]
-    MlflowClient(source.tracking_uri).log_batch(source.run_id, metrics=metrics)
+    log_metrics(MlflowClient(source.tracking_uri), source.run_id, report.metrics())
 
 
 def version_tags(record: dict | None, report: ExportReport) -> dict[str, str]:
@@ -169,17 +166,11 @@ def register_export(
 
 def new_run_for(client, record: dict | None) -> str:
     """A run in ``cvad-exports`` for a ``cvad run`` folder, holding its record's final metrics and budget figures."""
-    from mlflow.entities import Metric
-
     found = client.get_experiment_by_name(EXPORTS_EXPERIMENT)
     experiment = found.experiment_id if found else client.create_experiment(EXPORTS_EXPERIMENT)
     run = client.create_run(experiment, tags={"cvad.role": "export"})
     if record is not None:
-        values = {k: v for k, v in record["final"].items() if v is not None}
-        values |= {
-            k: record["efficiency"][k] for k in ("memory_mb", "gflops") if record["efficiency"].get(k) is not None
-        }
-        now = int(time.time() * 1000)
-        client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+        budget = {key: record["efficiency"].get(key) for key in ("memory_mb", "gflops")}
+        log_metrics(client, run.info.run_id, record["final"] | budget)
     client.set_terminated(run.info.run_id)
     return run.info.run_id

@@ -73,8 +73,9 @@ def load_detector(path: Path) -> Detector:
     config = validate_config(content["config"])
     seed_everything(config.seed)
     model = build_model(config.model.name, config.model.params, config.setup(tasks=len(content["tasks"])))
+    extractors = model.frozen_extractors()
     for module_path, saved in content["frozen"].items():
-        extractor = model.frozen_extractors().get(module_path)
+        extractor = extractors.get(module_path)
         if extractor is None or extractor_digest(extractor) != saved["digest"]:
             weights = saved["weights"]
             here = extractor.weights.source if extractor is not None else "none"

@@ -153,6 +153,16 @@ class DataInput:
         return cls(f"{dataset.name}:{'+'.join(tasks)}", stream_digest(splits), source, tasks, images)
 
 
+def log_metrics(client: Any, run_id: str, values: dict[str, float | None], step: int = 0) -> None:
+    """Log ``values`` (None skipped) on a run at ``step``, in as few calls as MLflow allows."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), now, step) for key, value in values.items() if value is not None]
+    for start in range(0, len(metrics), MAX_METRICS_PER_CALL):
+        client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_CALL])
+
+
 class SweepTracker:
     """Creates and fills the runs of one sweep in one experiment."""
 
@@ -211,12 +221,7 @@ class SweepTracker:
         return run_id
 
     def log_metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, step) for key, value in values.items() if value is not None]
-        for start in range(0, len(metrics), MAX_METRICS_PER_CALL):
-            self.client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_CALL])
+        log_metrics(self.client, run_id, values, step)
 
     def log_step(self, run_id: str, step: int, tasks: list[str], rows: dict[str, list[float | None]]) -> None:
         """Metrics after step ``step``: averages over seen tasks and each seen task's value."""

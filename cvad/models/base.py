@@ -172,9 +172,13 @@ class AnomalyModel(nn.Module, ABC):
         """The frozen pretrained networks by module path: rebuilt from their weight source, never stored with a fit."""
         return {path: module for path, module in self.named_modules() if isinstance(module, FeatureExtractor)}
 
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """The ``state_dict`` key prefixes of the frozen extractors."""
+        return tuple(f"{path}." for path in self.frozen_extractors())
+
     def fitted_state(self) -> dict[str, torch.Tensor]:
         """What fitting changed: ``state_dict()`` without the frozen extractors (see ``cvad.detector``)."""
-        frozen = tuple(f"{path}." for path in self.frozen_extractors())
+        frozen = self.frozen_prefixes()
         return {key: value for key, value in self.state_dict().items() if not key.startswith(frozen)}
 
     def load_fitted(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -194,7 +198,7 @@ class AnomalyModel(nn.Module, ABC):
             if name in owner._buffers:  # data-shaped state (a None buffer included): take the saved shape
                 owner._buffers[name] = torch.empty_like(value)
         missing, unexpected = self.load_state_dict(dict(state), strict=False)
-        frozen = tuple(f"{path}." for path in self.frozen_extractors())
+        frozen = self.frozen_prefixes()
         missing = [key for key in missing if not key.startswith(frozen)]
         if missing or unexpected:
             raise KeyError(

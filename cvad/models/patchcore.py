@@ -159,9 +159,10 @@ class PatchCore(AnomalyModel):
     def score_bank(self, patches: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch scores [B, P] and reweighted image scores [B] of patches against one bank [M, d]."""
         b, p, d = patches.shape
-        dist, index = nearest(patches.reshape(-1, d), bank)
+        bank_norms = bank.square().sum(dim=1)
+        dist, index = nearest(patches.reshape(-1, d), bank, bank_norms)
         patch_scores = dist.view(b, p)
-        return patch_scores, self.reweighted(patches, patch_scores, index.view(b, p), bank)
+        return patch_scores, self.reweighted(patches, patch_scores, index.view(b, p), bank, bank_norms)
 
     def score_routed(self, patches: torch.Tensor, routes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CL++: each image against its routed task's bank, as ``score_bank`` does.
@@ -171,7 +172,7 @@ class PatchCore(AnomalyModel):
         the routes or the batch size, so this path exports (``cvad export``) with a free batch size.
         """
         bank = torch.stack(tuple(self.banks)).index_select(0, routes)  # [B, M, d]
-        bank_norms = bank.square().sum(dim=2).unsqueeze(1)
+        bank_norms = bank.square().sum(dim=2).unsqueeze(1)  # [B, 1, M]
         chunk = max(1, DISTANCE_BLOCK // bank.shape[1])
         scores, index = [], []
         for block in patches.split(chunk, dim=1):
@@ -179,14 +180,20 @@ class PatchCore(AnomalyModel):
             scores.append(value.add_(block.square().sum(dim=2)).clamp_min_(0).sqrt_())
             index.append(nearest_index)
         patch_scores, index = torch.cat(scores, dim=1), torch.cat(index, dim=1)
-        return patch_scores, self.reweighted(patches, patch_scores, index, bank)
+        return patch_scores, self.reweighted(patches, patch_scores, index, bank, bank_norms)
 
     def reweighted(
-        self, patches: torch.Tensor, patch_scores: torch.Tensor, index: torch.Tensor, bank: torch.Tensor
+        self,
+        patches: torch.Tensor,
+        patch_scores: torch.Tensor,
+        index: torch.Tensor,
+        bank: torch.Tensor,
+        bank_norms: torch.Tensor,
     ) -> torch.Tensor:
         """Image scores [B]: the worst patch's score s* reweighted by how isolated its nearest bank entry is.
 
-        ``index`` [B, P] is each patch's nearest entry in ``bank``: one bank [M, d], or one per image [B, M, d].
+        ``index`` [B, P] is each patch's nearest entry in ``bank``: one bank [M, d] with ``bank_norms`` |m|^2 [M],
+        or one per image [B, M, d] with [B, 1, M].
         """
         rows = torch.arange(patches.shape[0], device=patches.device)
         worst = patch_scores.argmax(dim=1)
@@ -197,12 +204,11 @@ class PatchCore(AnomalyModel):
         # |m|^2 - 2 m_hat.m (the squared distance less |m_hat|^2, a constant): matmuls, which export.
         if bank.dim() == 2:
             nearest_entry = bank[index[rows, worst]]  # m_hat
-            ranking = torch.addmm(bank.square().sum(dim=1), nearest_entry, bank.T, alpha=-2)
+            ranking = torch.addmm(bank_norms, nearest_entry, bank.T, alpha=-2)
             support = bank[ranking.topk(k, largest=False).indices]
         else:
             nearest_entry = bank[rows, index[rows, worst]].unsqueeze(1)
-            norms = bank.square().sum(dim=2).unsqueeze(1)
-            ranking = torch.baddbmm(norms, nearest_entry, bank.transpose(1, 2), alpha=-2).squeeze(1)
+            ranking = torch.baddbmm(bank_norms, nearest_entry, bank.transpose(1, 2), alpha=-2).squeeze(1)
             support = bank[rows.unsqueeze(1), ranking.topk(k, largest=False).indices]
         support_dist = (worst_feature.unsqueeze(1) - support).norm(dim=-1)
         weight = 1 - torch.softmax(support_dist, dim=1)[:, 0]

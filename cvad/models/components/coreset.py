@@ -66,14 +66,18 @@ def greedy_k_center(features: torch.Tensor, k: int, *, seed: int, projection_dim
     return chosen
 
 
-def nearest(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(
+    queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distance and index of each query's nearest bank row, in memory-bounded blocks.
 
     ``queries`` [Q, d], ``bank`` [M, d] -> ([Q], [Q]). The block's |m|^2 - 2 x.m comes out of one
     fused matrix multiply (``addmm``) and is reduced once; |x|^2, constant along a row, is added
-    to the minima only: one pass over the Q x M block instead of four.
+    to the minima only: one pass over the Q x M block instead of four. ``bank_norms`` (|m|^2, [M]) may be
+    passed by a caller that needs them too.
     """
-    bank_norms = bank.square().sum(dim=1)
+    if bank_norms is None:
+        bank_norms = bank.square().sum(dim=1)
     rows = max(1, DISTANCE_BLOCK // max(1, bank.shape[0]))
     # An exported graph takes one block: a block count that depends on the batch would fix the batch size.
     blocks = [queries] if torch.compiler.is_exporting() else queries.split(rows)

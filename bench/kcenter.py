@@ -3,9 +3,11 @@
 Selects k of N descriptors (default 10,000 of 200,000, as PatchCore on a mid-size task)
 from real patch descriptors (MobileNetV2 ImageNet, stride-8 + stride-16 stages,
 3x3-averaged: 128-d, from built-in images) and, with --noise, Gaussian noise of the
-same shape (the worst case for the triangle-inequality pruning: distances concentrate).
+same shape (the worst case for the lazy search: distances concentrate, few bounds can wait).
 The reference, measured in the same run on the same data, is k plain matrix-vector
-products N x d: what an unpruned farthest-first pass costs at the least. Ratio < 1 means the pruning beats that floor.
+products N x d (500 of them timed, scaled to k): what a farthest-first pass that measures every
+point at every pick costs at the least. Ratio < 1 means the lazy search beats that floor. Target
+(issue 13): 10,000 of 200,000 real descriptors in under 30 s on 2 cores.
 
     python bench/kcenter.py [--n 200000] [--k 10000] [--noise]
 """
@@ -61,10 +63,14 @@ def main() -> None:
     sources = {"real patch features": real_descriptors(args.n)}
     if args.noise:
         sources["gaussian noise"] = torch.randn(args.n, 128, generator=torch.Generator().manual_seed(0))
+    sampled = min(args.k, 500)
     for name, x in sources.items():
         ours = timed(lambda x=x: greedy_k_center(x, args.k, seed=0, projection_dim=None))
-        floor = timed(lambda x=x: [x @ x[i] for i in range(args.k)])
-        print(f"  {name:<20} cvad {ours:7.2f} s   reference (k matvecs) {floor:7.2f} s   ratio {ours / floor:5.2f}")
+        floor = timed(lambda x=x: [x @ x[i] for i in range(sampled)]) * args.k / sampled
+        print(
+            f"  {name:<20} cvad {ours:7.2f} s   reference (k matvecs, {sampled} timed) {floor:7.2f} s   "
+            f"ratio {ours / floor:5.2f}   target < 30 s: {'met' if ours < 30 else 'missed'}"
+        )
     print(
         f"  working memory: {args.n * 128 * 4 / 1e6:.1f} MB of descriptors "
         f"+ {args.n * 12 / 1e6:.1f} MB of per-point state"

@@ -26,6 +26,20 @@ def test_k_center_is_farthest_first():
     assert order.tolist() == brute_force_k_center(x, 25, int(order[0]))
 
 
+def test_k_center_stays_farthest_first_when_its_pool_runs_dry(monkeypatch):
+    """A pool far smaller than the data forces every path: refills, partial refreshes, stale bounds."""
+    import cvad.models.components.coreset as coreset
+
+    monkeypatch.setattr(coreset, "K_CENTER_POOL", 16)
+    monkeypatch.setattr(coreset, "K_CENTER_REFRESH", 4)
+    generator = torch.Generator().manual_seed(3)
+    centres = 4 * torch.randn(20, 8, generator=generator)  # clustered, as patch features are
+    x = centres.repeat_interleave(100, dim=0) + torch.randn(2000, 8, generator=generator)
+    order = greedy_k_center(x, 300, seed=5, projection_dim=None)
+    assert order.tolist() == brute_force_k_center(x, 300, int(order[0]))
+    assert len(set(order.tolist())) == 300
+
+
 def test_prefix_property():
     x = torch.randn(2000, 64, generator=torch.Generator().manual_seed(2))
     long = greedy_k_center(x, 300, seed=7)

@@ -172,6 +172,31 @@ def _build_full(spec: BackboneSpec) -> nn.Module:
     return spec.build_custom(num_stages=None)
 
 
+CPU_CHUNK = 4
+"""Images a frozen backbone runs at once on a CPU (see ``FeatureExtractor.forward``)."""
+
+
+def tracing() -> bool:
+    """Whether the running forward is being traced (TorchScript, FLOP counting) or exported (ONNX)."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+def load_network(name: str, weights: str = "imagenet") -> tuple[nn.Module, WeightsInfo]:
+    """The whole network ``name`` with its weights resolved (hub, cache, package or a file), and what was loaded."""
+    spec = BACKBONES.get(name)
+    full = _build_full(spec)
+    info = resolve_weights(
+        name,
+        full,
+        weights,
+        hub_id=spec.hub_id,
+        packaged=spec.packaged,
+        load_reference=spec.load_reference,
+        download_url=spec.download_url,
+    )
+    return full, info
+
+
 @cache
 def taps(name: str) -> tuple[Tap, ...]:
     """Every block of a backbone a method can tap, in execution order, with its channels and stride.
@@ -235,16 +260,7 @@ class FeatureExtractor(nn.Module):
         spec = BACKBONES.get(name)
         self.name = name
         self.tap_indices = resolve_layers(name, layers)
-        full = _build_full(spec)
-        self.weights: WeightsInfo = resolve_weights(
-            name,
-            full,
-            weights,
-            hub_id=spec.hub_id,
-            packaged=spec.packaged,
-            load_reference=spec.load_reference,
-            download_url=spec.download_url,
-        )
+        full, self.weights = load_network(name, weights)
         deepest = max(self.tap_indices)
         if spec.is_vit:
             self.body = FeatureGetterNet(full, out_indices=self.tap_indices)
@@ -266,6 +282,12 @@ class FeatureExtractor(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        # On a CPU a few images at a time keep the activations in cache: measured 2.5x faster per
+        # image than batches of 32 (MobileNetV2, 224 px, 2 cores), and a lower memory peak. A traced
+        # or exported graph takes the batch whole: chunks would fix its batch size.
+        if not tracing() and images.device.type == "cpu" and images.shape[0] > CPU_CHUNK:
+            chunks = [self.forward(chunk) for chunk in images.split(CPU_CHUNK)]
+            return [torch.cat(level) for level in zip(*chunks)]
         x = (images - self.mean) / self.std
         if self.blocks is None:
             return list(self.body(x))

@@ -82,7 +82,9 @@ class PaDiM(AnomalyModel):
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """[B, 3, S, S] -> [B, P, d] patch embeddings on the finest level's grid, and that grid."""
-        emb = concat_at_first_grid(self.backbone(images))
+        # Each coarse cell repeated over the finer cells it covers, as PaDiM does (bilinear blurs the
+        # coarse levels' statistics across cell borders: measured 0.02-0.1 lower image AUROC).
+        emb = concat_at_first_grid(self.backbone(images), mode="nearest")
         emb = emb.index_select(1, self.channel_index)
         return emb.flatten(2).transpose(1, 2).contiguous(), tuple(emb.shape[-2:])
 
@@ -130,11 +132,15 @@ class PaDiM(AnomalyModel):
 
     def store(self, modes: list[GaussianStats]) -> None:
         eps = self.params.epsilon
-        shapes = [m.unbiased_cov() if self.diagonal else whitening_factor(m, eps) for m in modes]
         device = self.channel_index.device
         self.counts = torch.tensor([m.count for m in modes], dtype=torch.int64, device=device)
         self.means = torch.stack([m.mean for m in modes]).float()
-        self.shapes = torch.stack(shapes).float()
+        self.shapes = torch.empty((len(modes), *modes[0].cov.shape), device=device)
+        for mode, shape in zip(modes, self.shapes):  # straight into the float32 store, chunk by chunk
+            if self.diagonal:
+                shape.copy_(mode.unbiased_cov())
+            else:
+                whitening_factor(mode, eps, out=shape)
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if self.counts.numel() == 0:

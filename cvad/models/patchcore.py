@@ -92,7 +92,9 @@ class PatchCore(AnomalyModel):
         """Patch descriptors [B, P, D] (3x3-averaged, concatenated levels), their grid, and each image's
         routing feature."""
         maps = self.backbone(images)
-        patches = F.avg_pool2d(concat_at_first_grid(maps), kernel_size=3, stride=1, padding=1)
+        # Each level averaged over its own 3x3 neighbourhood before upsampling (PatchCore's local
+        # aggregation): a coarse level's neighbourhood spans more of the image than 3 fine cells do.
+        patches = concat_at_first_grid([F.avg_pool2d(m, kernel_size=3, stride=1, padding=1) for m in maps])
         deep = maps[-1].mean(dim=(2, 3)) if self.params.prototype == "pooled" else maps[-1]
         return patches.flatten(2).transpose(1, 2), tuple(patches.shape[-2:]), deep
 

@@ -40,11 +40,16 @@ class GaussianStats:
         return self.cov * (self.count / (self.count - 1)) if self.count > 1 else self.cov
 
 
+# Images converted to float64 at once while accumulating.
+ACCUMULATION_CHUNK = 8
+
+
 class GaussianAccumulator:
     """Streams [B, P, d] batches into GaussianStats with one float64 [P, d, d] buffer.
 
     Sums are taken around the first batch's mean, which keeps float64 cancellation
-    negligible without a second pass over the data.
+    negligible without a second pass over the data. ``stats`` turns the buffer into the
+    covariance in place: an accumulator gives its statistics once.
     """
 
     def __init__(self, diagonal: bool) -> None:
@@ -55,29 +60,32 @@ class GaussianAccumulator:
         self.sum_sq: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.double()
         if self.shift is None:
-            self.shift = x.mean(dim=0)
+            self.shift = x.double().mean(dim=0)
             self.sum = torch.zeros_like(self.shift)
             p, d = self.shift.shape
-            self.sum_sq = x.new_zeros((p, d) if self.diagonal else (p, d, d))
-        c = (x - self.shift).contiguous()  # batched matmul is ~10x slower on strided input
-        self.sum += c.sum(dim=0)
-        if self.diagonal:
-            self.sum_sq += c.square().sum(dim=0)
-        else:
-            ct = c.permute(1, 0, 2)  # [P, B, d]
-            self.sum_sq += ct.transpose(1, 2) @ ct
+            self.sum_sq = self.shift.new_zeros((p, d) if self.diagonal else (p, d, d))
+        for images in x.split(ACCUMULATION_CHUNK):  # float64 copies of a few images at a time
+            c = (images.double() - self.shift).contiguous()  # batched matmul is ~10x slower on strided input
+            self.sum += c.sum(dim=0)
+            if self.diagonal:
+                self.sum_sq += c.square().sum(dim=0)
+            else:
+                ct = c.permute(1, 0, 2)  # [P, B, d]
+                self.sum_sq.baddbmm_(ct.transpose(1, 2), ct)  # in place: no second [P, d, d] buffer
         self.count += x.shape[0]
 
     def stats(self) -> GaussianStats:
         if self.count == 0:
             raise ValueError("no samples were accumulated: the task's training set is empty")
+        if self.sum_sq is None:
+            raise RuntimeError("this accumulator already gave its statistics")
         centred_mean = self.sum / self.count
+        cov, self.sum_sq = self.sum_sq.div_(self.count), None
         if self.diagonal:
-            cov = self.sum_sq / self.count - centred_mean.square()
+            cov.sub_(centred_mean.square())
         else:
-            cov = self.sum_sq / self.count - centred_mean.unsqueeze(-1) * centred_mean.unsqueeze(-2)
+            cov.baddbmm_(centred_mean.unsqueeze(-1), centred_mean.unsqueeze(-2), alpha=-1)
         return GaussianStats(self.count, self.shift + centred_mean, cov)
 
 
@@ -93,16 +101,26 @@ def uniform_average(old: GaussianStats, new: GaussianStats, old_tasks: int) -> G
     return GaussianStats(old.count + new.count, mean, cov)
 
 
-def whitening_factor(stats: GaussianStats, epsilon: float) -> torch.Tensor:
-    """W = L^-1 with L L^T = sample covariance + epsilon I (float64, batched over positions).
+# Positions whitened at once: bounds the temporaries to a few MB instead of copies of [P, d, d].
+WHITENING_CHUNK = 256
 
-    ||W (x - mu)|| is the Mahalanobis distance: one matrix-vector product per position,
-    far faster on CPUs than a batched triangular solve, and W is lower triangular.
+
+def whitening_factor(stats: GaussianStats, epsilon: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W = L^-1 with L L^T = sample covariance + epsilon I (computed in float64, batched over positions).
+
+    ||W (x - mu)|| is the Mahalanobis distance: one matrix-vector product per position at
+    scoring time, far faster on CPUs than a triangular solve per image, and W is lower triangular.
+    ``out`` (e.g. the float32 store) receives W chunk by chunk, so no whole float64 copy exists.
     """
-    cov = stats.unbiased_cov()
+    cov = stats.cov
+    scale = stats.count / (stats.count - 1) if stats.count > 1 else 1.0  # the unbiased covariance
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    chol = torch.linalg.cholesky(cov + epsilon * eye)
-    return torch.linalg.inv(chol).tril_()  # batched LU inverse: ~10x faster than trsm here
+    whitening = torch.empty_like(cov) if out is None else out
+    for block, target in zip(cov.split(WHITENING_CHUNK), whitening.split(WHITENING_CHUNK)):
+        # A triangular solve against I: 2.5x faster than a general inverse of L (torch 2.14, 2 cores).
+        factor = torch.linalg.cholesky(block * scale + epsilon * eye)
+        target.copy_(torch.linalg.solve_triangular(factor, eye, upper=False))
+    return whitening
 
 
 def stats_from_whitening(count: int, mean: torch.Tensor, whitening: torch.Tensor, epsilon: float) -> GaussianStats:

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def concat_at_first_grid(maps: list[torch.Tensor]) -> torch.Tensor:
-    """Upsample every map bilinearly to the first (finest) one's grid and stack channels."""
+def concat_at_first_grid(maps: list[torch.Tensor], mode: str = "bilinear") -> torch.Tensor:
+    """Upsample every map to the first (finest) one's grid (``"bilinear"`` or ``"nearest"``) and stack channels."""
     size = maps[0].shape[-2:]
-    resized = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
+    options = {"align_corners": False} if mode == "bilinear" else {}
+    resized = [maps[0]] + [F.interpolate(m, size=size, mode=mode, **options) for m in maps[1:]]
     return torch.cat(resized, dim=1)
 
 

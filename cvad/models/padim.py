@@ -83,7 +83,7 @@ class PaDiM(AnomalyModel):
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """[B, 3, S, S] -> [B, P, d] patch embeddings on the finest level's grid, and that grid."""
         # Each coarse cell repeated over the finer cells it covers, as PaDiM does (bilinear blurs the
-        # coarse levels' statistics across cell borders: measured 0.02-0.1 lower image AUROC).
+        # coarse levels' statistics across cell borders: 0.02-0.07 lower image AUROC on bench/vs_anomalib.py data).
         emb = concat_at_first_grid(self.backbone(images), mode="nearest")
         emb = emb.index_select(1, self.channel_index)
         return emb.flatten(2).transpose(1, 2).contiguous(), tuple(emb.shape[-2:])

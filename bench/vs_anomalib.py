@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import sysconfig
@@ -202,17 +201,9 @@ def anomalib_model(method: str):
     return fit, score, weights
 
 
-def median_ms(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
-
-
 def worker(side: str, method: str, data: Path, out: Path) -> None:
+    from cvad.efficiency import time_calls
+
     tensors = torch.load(data)
     fit, score, weights = (cvad_model if side == "cvad" else anomalib_model)(method)
     before = rss_mb()
@@ -223,8 +214,8 @@ def worker(side: str, method: str, data: Path, out: Path) -> None:
     test = tensors["test"]
     with torch.inference_mode():
         scores = torch.cat([score(batch) for batch in test.split(32)])
-        one = median_ms(lambda: score(test[:1]), repeats=20)
-        many = median_ms(lambda: score(test[:32]), repeats=5) / min(32, len(test))
+        one = time_calls(lambda: score(test[:1]), warmup=1, repeats=20).median_ms
+        many = time_calls(lambda: score(test[:32]), warmup=1, repeats=5).median_ms / min(32, len(test))
     out.write_text(
         json.dumps(
             {

@@ -139,6 +139,22 @@ def test_an_export_that_does_not_match_pytorch_writes_nothing(run_dir, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_bank_searched_in_several_blocks_exports_with_a_free_batch_size(tmp_path, monkeypatch):
+    """The nearest-neighbour search splits its queries into blocks by size: a traced graph must take them whole,
+    or the block count of the example batch is baked in and another batch size fails."""
+    import cvad.models.components.coreset as coreset
+    from cvad.detector import Detector
+    from cvad.models import build_model
+
+    config = validate_config(tiny_config(tmp_path / "cache", continual="refit"))
+    model = build_model("patchcore", config.model.params, config.setup(tasks=1))
+    model.banks.assign([torch.randn(200, 128, generator=torch.Generator().manual_seed(0))])
+    monkeypatch.setattr(coreset, "DISTANCE_BLOCK", 200 * 50)  # 50 queries a block: 36 patches an image at 48 px
+    images = torch.randint(0, 256, (8, 3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    report = export_detector(Detector(model.eval(), config, ["brick"]), "torchscript", tmp_path / "d.pt", images)
+    assert report.max_abs_diff_scores <= report.tolerance_scores
+
+
 def test_a_path_that_cannot_export_names_what_stops_it(tmp_path):
     """CL++ banks of unequal sizes (a task with fewer patches than B/T) are scored route by route: a loop over
     the routes that no static graph holds."""

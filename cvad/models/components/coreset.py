@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from cvad.backbones import tracing
+
 # Elements of a query x bank distance block; bounds nearest-neighbour memory (~64 MB fp32).
 DISTANCE_BLOCK = 1 << 24
 # Points with the largest distance bounds that the k-center search keeps at hand; the rest are
@@ -137,8 +139,8 @@ def nearest(
     if bank_norms is None:
         bank_norms = bank.square().sum(dim=1)
     rows = max(1, DISTANCE_BLOCK // max(1, bank.shape[0]))
-    # An exported graph takes one block: a block count that depends on the batch would fix the batch size.
-    blocks = [queries] if torch.compiler.is_exporting() else queries.split(rows)
+    # A traced or exported graph takes one block: a block count that depends on the batch would fix the batch size.
+    blocks = [queries] if tracing() else queries.split(rows)
     dists, indices = [], []
     for block in blocks:
         partial = torch.addmm(bank_norms, block, bank.T, alpha=-2)

@@ -131,7 +131,7 @@ def export_detector(
         diffs, tolerances = compare(expected, got, relative_tolerance)
         if any(d > t for d, t in zip(diffs, tolerances)):
             raise ExportError(
-                f"the {fmt} export of {detector.model.name} does not match PyTorch on the run's test images: "
+                f"the {fmt} export of {describe(detector)} does not match PyTorch on the run's test images: "
                 f"max |difference| scores {diffs[0]:.3g} (tolerance {tolerances[0]:.3g}), "
                 f"maps {diffs[1]:.3g} (tolerance {tolerances[1]:.3g}); nothing was written"
             )
@@ -144,12 +144,13 @@ def export_detector(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
     size = detector.config.dataset.image_size
+    file_bytes = out.stat().st_size
     return ExportReport(
         format=fmt,
         path=str(out),
         input=f"{input_kind} [B, 3, {size}, {size}]",
-        file_bytes=out.stat().st_size,
-        file_mb=out.stat().st_size / 2**20,
+        file_bytes=file_bytes,
+        file_mb=file_bytes / 2**20,
         weights_bytes=sum(runtime.weights_bytes.values()),
         weights_bytes_by_dtype=runtime.weights_bytes,
         images_checked=len(inputs),
@@ -228,7 +229,7 @@ def onnx_weights_bytes(model) -> dict[str, int]:
 def to_onnx(deployed: DeployedDetector, example: torch.Tensor, path: Path, detector: Detector) -> OnnxRuntime:
     """torch.export the deployed path with a free batch size, convert it to ONNX and load it in ONNX Runtime."""
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
+        with warnings.catch_warnings(), open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
             # torch.export first and on its own: torch.onnx.export would quietly fix a batch size it cannot keep free.
             program = torch.export.export(

@@ -39,7 +39,7 @@ def real_descriptors(n: int) -> torch.Tensor:
     settings = LoaderSettings(224, 16, "cpu", 0, eval_batch_size=4)
     rows = []
     with torch.no_grad():
-        for split in load_task_stream(config.dataset):
+        for split in load_task_stream(config.dataset).splits:
             for images in train_batches(ImageDataset(split.train, 224), settings, 0):
                 rows.append(model.features(images)[0].reshape(-1, 128))
     return torch.cat(rows)[:n]

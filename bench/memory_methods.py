@@ -74,7 +74,7 @@ def main() -> None:
     for name, raw in variants(args.bank).items():
         started = time.perf_counter()
         result = results[name] = run(raw, args.image_size)
-        f, e = result["final"], result["efficiency"]
+        f, e = result.final, result.efficiency
         print(
             f"| {name} | {fmt(f['image_f1'])} | {fmt(f['pixel_f1'])} | {fmt(f['image_auroc'])} "
             f"| {fmt(f['pixel_auroc'])} | {fmt(f['forgetting_pixel_f1'])} | {fmt(f['routing_accuracy'])} "
@@ -85,9 +85,9 @@ def main() -> None:
 
     backbone = FeatureExtractor("mobilenetv2_100", (8, 16), "imagenet")
     backbone_gflops = count_gflops(backbone, args.image_size).gflops
-    cl = results["PatchCoreCL"]["efficiency"]["gflops"] - backbone_gflops
-    clpp = results["PatchCoreCL++"]["efficiency"]["gflops"] - backbone_gflops
-    mb = {name: r["efficiency"]["memory_mb"] for name, r in results.items()}
+    cl = results["PatchCoreCL"].efficiency["gflops"] - backbone_gflops
+    clpp = results["PatchCoreCL++"].efficiency["gflops"] - backbone_gflops
+    mb = {name: r.efficiency["memory_mb"] for name, r in results.items()}
     print("\nRatios measured in this run:")
     print(
         f"  PatchCoreCL / CL++ scoring GFLOPs (backbone {backbone_gflops:.3f} excluded): "
@@ -102,7 +102,7 @@ def main() -> None:
         result = results[f"unequal {rule}"] = run(
             {"model": {"name": "padim", "params": {"continual": rule}}}, args.image_size, UNEQUAL
         )
-        f = result["final"]
+        f = result.final
         print(
             f"  PaDiM {rule:<9} image F1 {fmt(f['image_f1'])}  pixel F1 {fmt(f['pixel_f1'])}  "
             f"pixel AUROC {fmt(f['pixel_auroc'])}"

@@ -70,9 +70,9 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 record = run_trial(config, feature_cache=Path(cache.name))
             records[f"{method} {label}"] = record
-            final, eff = record["final"], record["efficiency"]
-            per_task = record["wall_seconds"]["train"] / len(record["tasks"])  # joint: its one step, per task
-            weights = "" if record["weights"]["pretrained"] else "  (random encoder weights)"
+            final, eff = record.final, record.efficiency
+            per_task = record.wall_seconds["train"] / len(record.tasks)  # joint: its one step, per task
+            weights = "" if record.weights["pretrained"] else "  (random encoder weights)"
             row = (
                 f"{method:10s} {label:10s} {fmt(final['image_f1']):>6s} {fmt(final['pixel_f1']):>6s} "
                 f"{fmt(final['image_auroc']):>7s} {fmt(final['pixel_auroc']):>7s} "
@@ -91,7 +91,7 @@ def main() -> None:
     for method in args.methods:
         joint = records.get(f"{method} joint")
         if joint is not None:
-            auc = joint["final"]
+            auc = joint.final
             ok = auc["pixel_auroc"] >= 0.95 and auc["image_auroc"] >= 0.80
             print(
                 f"  {method:10s} joint: pixel ROC-AUC {auc['pixel_auroc']:.3f}, "
@@ -100,7 +100,7 @@ def main() -> None:
         got = {label: records.get(f"{method} {label}") for label in STRATEGIES}
         if any(v is None for v in got.values()):
             continue
-        f1 = {label: r["final"]["pixel_f1"] for label, r in got.items()}
+        f1 = {label: r.final["pixel_f1"] for label, r in got.items()}
         ordered = f1["finetune"] < f1["replay 40"] <= f1["replay 100"] <= f1["joint"] + 0.02
         print(
             f"  {method:10s} finetune {f1['finetune']:.3f} < replay 40 {f1['replay 40']:.3f} "

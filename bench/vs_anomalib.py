@@ -110,7 +110,7 @@ def prepare(categories: list[str], train: int, folder: Path) -> dict[str, Path]:
                 },
             }
         )
-        (split,) = load_task_stream(config)
+        (split,) = load_task_stream(config).splits
 
         def stack(samples):
             items = ImageDataset(samples, IMAGE_SIZE)

@@ -2,7 +2,9 @@
 
 Unknown keys, unknown names and bad values are rejected with the field's dotted path,
 the value given and what is allowed. ``--set a.b=value`` overrides apply before
-validation, so they are checked exactly like the file.
+validation, so they are checked exactly like the file. Validation imports no torch and no model:
+names are checked against ``cvad.catalog``, a method's parameters and setup against its declaration
+(``cvad.methods``), so a bad config is refused at once.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cvad.backbones import BACKBONES
+from cvad import catalog
 from cvad.data.builtin import BuiltinOptions
 from cvad.data.presets import TASK_PRESETS
-from cvad.models import METHODS, Setup, SetupError
+from cvad.methods.base import Setup, SetupError
 
 
 class ConfigError(ValueError):
@@ -79,8 +81,8 @@ class BackboneConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def known_backbone(cls, name: str) -> str:
-        if name not in BACKBONES:
-            raise ValueError(BACKBONES.unknown_message(name))
+        if name not in catalog.BACKBONES:
+            raise ValueError(catalog.BACKBONES.unknown_message(name))
         return name
 
 
@@ -94,8 +96,8 @@ class ModelConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def known_model(cls, name: str) -> str:
-        if name not in METHODS:
-            raise ValueError(METHODS.unknown_message(name))
+        if name not in catalog.METHODS:
+            raise ValueError(catalog.METHODS.unknown_message(name))
         return name
 
 
@@ -205,7 +207,7 @@ def validate_config(raw: dict) -> RunConfig:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError("invalid config:\n  " + "\n  ".join(describe_errors(exc, RunConfig))) from None
-    method = METHODS.get(config.model.name)
+    method = catalog.METHODS.get(config.model.name).spec_class()
     params = dict(config.model.params)
     if config.model.preset == "paper":
         try:

@@ -20,6 +20,7 @@ import cvad
 from cvad.config import RunConfig, validate_config
 from cvad.models import AnomalyModel, build_model
 from cvad.models.components.frozen import extractor_digest
+from cvad.runtime import seed_everything  # the trial's seeding, so that random-weight networks come out the same
 
 DETECTOR_FILE = "detector.pt"
 DETECTOR_FORMAT = "cvad-detector/1"
@@ -58,8 +59,6 @@ def detector_bytes(model: AnomalyModel, config: RunConfig, tasks: list[str]) -> 
 
 def load_detector(path: Path) -> Detector:
     """Rebuild the fitted model stored in ``path``; its frozen extractors must be the very ones it was fitted on."""
-    from cvad.trial import seed_everything  # the trial's seeding, so that random-weight networks come out the same
-
     path = Path(path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cvad.catalog import config_name
 from cvad.detector import Detector
 from cvad.efficiency import time_calls
 
@@ -94,7 +95,7 @@ def verification_images(detector: Detector, per_task: int = 4) -> torch.Tensor:
 
     size = detector.config.dataset.image_size
     images = []
-    for split in load_task_stream(detector.config.dataset.model_copy(update={"tasks": detector.tasks})):
+    for split in load_task_stream(detector.config.dataset.model_copy(update={"tasks": detector.tasks})).splits:
         good = [s for s in split.test if s.label == 0]
         bad = [s for s in split.test if s.label == 1]
         mixed = [s for pair in zip(bad, good) for s in pair] + bad[len(good) :] + good[len(bad) :]
@@ -259,8 +260,8 @@ def to_torchscript(
 
 
 def describe(detector: Detector) -> str:
-    variant = detector.config.model.params.get("continual")
-    return f"{detector.model.name}{f' ({variant})' if variant else ''} on {detector.config.backbone.name}"
+    """The detector by its configuration's one name (``cvad.catalog.config_name``)."""
+    return config_name(detector.config.to_dict())
 
 
 def blocker(exc: BaseException) -> str:

@@ -54,7 +54,7 @@ class StepDone:
     step: int
     steps: int
     tasks: list[str]
-    record: Any  # cvad.continual.protocol.StepRecord
+    record: Any  # cvad.record.StepRecord
     matrices: dict[str, list[list[float | None]]]
 
 

@@ -15,19 +15,19 @@ dataset and its ordered task list): figures on different streams do not compare.
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
+from cvad.catalog import config_name
 from cvad.metrics import DETECTION_METRICS, FORGETTING_METRICS, METRIC_LABELS
 from cvad.pareto import pareto_front
 from cvad.published import PUBLISHED, PublishedCell
-from cvad.titles import backbone_title, method_title
+from cvad.record import paper_units
+from cvad.stream import TaskStream
+from cvad.tracking import Tag, TrackingError, TrackingStore
+from cvad.tracking.params import config_of
 
 QUALITY_METRICS = DETECTION_METRICS  # what a recommendation may maximise
 DEFAULT_METRIC = "pixel_f1"
@@ -50,7 +50,6 @@ DEPLOYMENT_METRICS = (
 )
 
 
-MB_SCHEMA_1 = 1e6 / 2**20  # schema 1 records count MB as 10^6 bytes and GFLOPs as multiply-adds (GMACs)
 PRICED_PARTS = ("model.", "backbone.name", "strategy.", "dataset.image_size")  # the params that set a price
 
 
@@ -77,39 +76,19 @@ class SelectionError(RuntimeError):
     """Nothing to select from; the message says what to run."""
 
 
-@dataclass(frozen=True)
-class Stream:
-    """What a trial learned and was scored on: the dataset (a folder dataset with its root) and the tasks in order."""
-
-    dataset: str
-    root: str | None = None  # folder datasets only: the folder is the dataset
-    tasks: tuple[str, ...] | None = None  # None: not recorded (a trial that never wrote its record)
-
-    def describe(self, names: int = 3) -> str:
-        """'folder /data/parts: 16 tasks (bolt, gear, nut, ...)'."""
-        where = f"{self.dataset} {self.root}" if self.root else self.dataset or "dataset not recorded"
-        if self.tasks is None:
-            return f"{where}: tasks not recorded"
-        shown = ", ".join(self.tasks[:names]) + (", ..." if len(self.tasks) > names else "")
-        return f"{where}: {len(self.tasks)} task{'s' if len(self.tasks) != 1 else ''} ({shown})"
-
-    def as_record(self) -> dict:
-        return {"dataset": self.dataset, "root": self.root, "tasks": None if self.tasks is None else list(self.tasks)}
-
-
-def streams(trials: pd.DataFrame) -> list[Stream]:
+def streams(trials: pd.DataFrame) -> list[TaskStream]:
     """The task streams of the trials, most trials first and those without a task list last: stream N of
     ``cvad recommend --stream N``."""
     counts = trials["stream"].value_counts(sort=False)
     return sorted(counts.index, key=lambda s: (s.tasks is None, -counts[s], s.dataset, s.root or "", s.tasks or ()))
 
 
-def of_stream(trials: pd.DataFrame, stream: Stream) -> pd.DataFrame:
+def of_stream(trials: pd.DataFrame, stream: TaskStream) -> pd.DataFrame:
     """The trials of one task stream."""
     return trials[trials["stream"].map(lambda s: s == stream)]
 
 
-def one_stream(trials: pd.DataFrame) -> Stream | None:
+def one_stream(trials: pd.DataFrame) -> TaskStream | None:
     """The one task stream of the trials (None if there are none); refuses trials of several."""
     found = streams(trials)
     if len(found) > 1:
@@ -118,84 +97,40 @@ def one_stream(trials: pd.DataFrame) -> Stream | None:
     return found[0] if found else None
 
 
-def display_name(row: dict) -> str:
-    """'PaSTe + MobileNetV2, replay 40' from a trial row."""
-    params = row.get("params") or {}
-    model = method_title(row["model"])
-    if row["model"] == "padim":
-        model = (
-            "PaDiM-Lite" if params.get("model.params.covariance") == "diagonal" else "PaDiM"
-        ) + f" {params.get('model.params.continual', '')}".rstrip()
-    elif row["model"] == "patchcore":
-        variant = {"cl": "CL", "cl++": "CL++"}.get(params.get("model.params.continual"), "")
-        bank = params.get("model.params.bank_size")
-        model = f"PatchCore{variant} {bank}" if bank not in (None, "None") else f"PatchCore{variant}"
-    elif row["model"] == "dinomaly" and row["backbone"] == "deit_tiny_patch16_224":
-        model = "Tiny-Dinomaly"
-    strategy = row.get("strategy") or ""
-    if strategy == "replay":
-        strategy = f"replay {params.get('strategy.replay_size', '?')}"
-    return f"{model} + {backbone_title(row['backbone'])}, {strategy}"
-
-
 def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.DataFrame:
     """Every trial run of the chosen sweeps (default: all) as a table, failed ones included."""
-    from mlflow.tracking import MlflowClient
-
-    from cvad.tracking import check_server
-
-    check_server(tracking_uri)
-    if tracking_uri.startswith("sqlite:///"):
-        path = tracking_uri.removeprefix("sqlite:///")  # relative, or absolute after sqlite:////
-        if not os.path.isfile(path):
-            raise SelectionError(f"no MLflow store at {path}; run a sweep first, e.g. `cvad sweep sweeps/edge.yaml`")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    client = MlflowClient(tracking_uri)
-    found = client.search_experiments()
-    if experiments:
-        missing = sorted(set(experiments) - {e.name for e in found})
-        if missing:
-            names = ", ".join(sorted(e.name for e in found)) or "none"
-            raise SelectionError(f"no sweep named {', '.join(missing)} in {tracking_uri}; sweeps there: {names}")
-        found = [e for e in found if e.name in experiments]
-    runs = (
-        client.search_runs(
-            [e.experiment_id for e in found], filter_string="tags.`cvad.role` = 'trial'", max_results=50000
-        )
-        if found
-        else []
-    )
+    try:
+        store = TrackingStore(tracking_uri, must_exist=True)
+        runs = store.trial_runs(experiments)
+    except TrackingError as exc:
+        raise SelectionError(str(exc)) from None
     if not runs:
         raise SelectionError(f"no cvad trials in {tracking_uri}; run a sweep first, e.g. `cvad sweep sweeps/edge.yaml`")
-    names = {e.experiment_id: e.name for e in found}
     rows = []
     for run in runs:
-        tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
-        dataset = tags.get("cvad.dataset") or params.get("dataset.name", "")
-        root = params.get("dataset.root") if dataset == "folder" else None
+        tags, metrics = run.tags, run.metrics
         row = {
-            "run_id": run.info.run_id,
-            "sweep": names.get(run.info.experiment_id, ""),
-            "trial": int(tags.get("cvad.trial", -1)),
-            "status": run.info.status,
-            "model": tags.get("cvad.model", ""),
-            "backbone": tags.get("cvad.backbone", ""),
-            "strategy": tags.get("cvad.strategy", ""),
-            "dataset": dataset,
-            "stream": Stream(dataset, root, listed_tasks(params, dataset) or recorded_tasks(tracking_uri, run)),
-            "pretrained": tags.get("cvad.pretrained") == "true",
-            "schema": schema_of(tags, metrics),
-            "error": tags.get("cvad.error"),
-            "pruned": tags.get("cvad.pruned"),  # why a sweep priced it over budget and never trained it
-            "detector": tags.get("cvad.detector"),  # "stored": the run holds detector.pt
-            "registered": tags.get("cvad.registered"),  # NAME:VERSION in the MLflow model registry
-            "params": dict(run.data.params),
-            "experiment_id": run.info.experiment_id,
+            "run_id": run.run_id,
+            "sweep": run.sweep,
+            "trial": int(tags.get(Tag.TRIAL, -1)),
+            "status": run.status,
+            "model": tags.get(Tag.MODEL, ""),
+            "backbone": tags.get(Tag.BACKBONE, ""),
+            "strategy": tags.get(Tag.STRATEGY, ""),
+            "dataset": run.stream.dataset,
+            "stream": run.stream,
+            "pretrained": tags.get(Tag.PRETRAINED) == "true",
+            "schema": run.schema,
+            "error": tags.get(Tag.ERROR),
+            "pruned": tags.get(Tag.PRUNED),  # why a sweep priced it over budget and never trained it
+            "detector": tags.get(Tag.DETECTOR),  # "stored": the run holds detector.pt
+            "registered": tags.get(Tag.REGISTERED),  # NAME:VERSION in the MLflow model registry
+            "params": run.params,
+            "experiment_id": run.experiment_id,
         }
         row.update({m: metrics.get(m) for m in (*TABLE_METRICS, *DEPLOYMENT_METRICS)})
-        row["gmacs"] = metrics.get("gmacs")
-        if row["schema"] == 1 and row["memory_mb"] is not None:
-            row.update(memory_mb=row["memory_mb"] * MB_SCHEMA_1, gflops=2 * row["gflops"], gmacs=row["gflops"])
+        memory_mb, gflops, gmacs = paper_units(row["schema"], row["memory_mb"], row["gflops"])
+        row.update(memory_mb=memory_mb, gflops=gflops, gmacs=gmacs if row["schema"] == 1 else metrics.get("gmacs"))
         row["name"] = display_name(row)
         rows.append(row)
     table = pd.DataFrame(rows).astype({"schema": "Int64"})
@@ -203,52 +138,28 @@ def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.D
     return table.sort_values(["sweep", "trial"]).reset_index(drop=True)
 
 
-def listed_tasks(params: dict[str, str], dataset: str) -> tuple[str, ...] | None:
-    """The task list a trial's params spell out: ``dataset.tasks`` as a list, or the built-in categories for 'all'."""
-    from cvad.tracking import param_value
-
-    tasks = param_value(params.get("dataset.tasks", "all"))
-    if tasks == "all" and dataset == "builtin":
-        tasks = param_value(params.get("dataset.builtin.categories", "None"))
-    return tuple(tasks) if isinstance(tasks, list) else None
-
-
-def recorded_tasks(tracking_uri: str, run) -> tuple[str, ...] | None:
-    """The tasks a trial ran on, from its ``result.json`` (for 'all' on a folder, a preset, runs of older versions)."""
-    from mlflow.artifacts import download_artifacts
-
-    if "cvad.pretrained" not in run.data.tags:  # set with the record: none was logged (pruned, failed)
-        return None
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:  # by the artifact URI: a few ms, where a download by run id looks the run up again
-            uri = f"{run.info.artifact_uri}/result.json"
-            path = download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri)
-        except Exception:  # a record whose artifacts are gone
-            return None
-        return tuple(json.loads(Path(path).read_text())["tasks"])
+def display_name(row: dict) -> str:
+    """'PaSTe + MobileNetV2, replay 40' from a trial row (its tags and flattened params)."""
+    config = config_of(row.get("params") or {}, ("model.", "strategy."))
+    config.setdefault("model", {})["name"] = row["model"]
+    config.setdefault("backbone", {})["name"] = row["backbone"]
+    config.setdefault("strategy", {})["name"] = row.get("strategy") or ""
+    return config_name(config)
 
 
 def complete_streams(table: pd.DataFrame) -> pd.Series:
     """Streams with a task list for trials without one (pruned, or failed before their record) where their sweep
     ran the same dataset on one task list only; others keep 'tasks not recorded'."""
     known = table[table["stream"].map(lambda s: s.tasks is not None)]
-    lists: dict[tuple, set[Stream]] = {}
+    lists: dict[tuple, set[TaskStream]] = {}
     for sweep, stream in zip(known["sweep"], known["stream"]):
-        lists.setdefault((sweep, stream.dataset, stream.root), set()).add(stream)
+        lists.setdefault((sweep, stream.dataset, stream.identity[1]), set()).add(stream)
 
-    def complete(sweep: str, stream: Stream) -> Stream:
-        candidates = lists.get((sweep, stream.dataset, stream.root), set())
+    def complete(sweep: str, stream: TaskStream) -> TaskStream:
+        candidates = lists.get((sweep, stream.dataset, stream.identity[1]), set())
         return next(iter(candidates)) if stream.tasks is None and len(candidates) == 1 else stream
 
     return pd.Series([complete(w, s) for w, s in zip(table["sweep"], table["stream"])], index=table.index)
-
-
-def schema_of(tags: dict, metrics: dict) -> int | None:
-    """The record schema of a trial's figures: its ``cvad.schema`` tag; 1 for runs logged before the tag existed."""
-    if "cvad.schema" in tags:
-        return int(tags["cvad.schema"])
-    return 1 if "memory_mb" in metrics else None  # None: no record was logged (a failed trial)
 
 
 def project_to_tasks(trials: pd.DataFrame, tasks: int) -> pd.DataFrame:
@@ -260,7 +171,6 @@ def project_to_tasks(trials: pd.DataFrame, tasks: int) -> pd.DataFrame:
     """
     from cvad.config import validate_config
     from cvad.cost import price_config
-    from cvad.tracking import param_value, unflatten
 
     out = trials.copy()
     out["measured_memory_mb"], out["measured_gflops"] = trials["memory_mb"], trials["gflops"]
@@ -268,7 +178,7 @@ def project_to_tasks(trials: pd.DataFrame, tasks: int) -> pd.DataFrame:
     out["projection_error"] = None
     prices: dict[str, dict | str] = {}
     for index, row in trials[trials["status"].eq("FINISHED")].iterrows():
-        raw = unflatten({k: param_value(v) for k, v in row["params"].items() if k.startswith(PRICED_PARTS)})
+        raw = config_of(row["params"], PRICED_PARTS)
         key = json.dumps(raw, sort_keys=True)
         if key not in prices:
             try:
@@ -330,7 +240,7 @@ class Recommendation:
     budget: Budget
     picks: pd.DataFrame  # rows of the trial table plus a "why" column
     excluded: dict[str, int]  # reason -> number of trials
-    stream: Stream | None  # the task stream of every trial considered (None: there were none)
+    stream: TaskStream | None  # the task stream of every trial considered (None: there were none)
 
     def summary(self) -> str:
         if self.picks.empty:

@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -34,7 +35,7 @@ from cvad.selection import (
     recommend,
     streams,
 )  # fmt: skip
-from cvad.tracking import TrackingError, resolve_tracking_uri
+from cvad.tracking import TrackingError, TrackingStore, resolve_tracking_uri
 
 st.set_page_config(page_title="cvad: what to deploy", layout="wide")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -58,10 +59,10 @@ def cached_projection(trials: pd.DataFrame, tasks: int) -> pd.DataFrame:
     return project_to_tasks(trials, tasks)
 
 
-def client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(uri)
+@st.cache_resource
+def store(uri: str) -> TrackingStore:
+    """The tracking store the dashboard reads matrices, curves and overlays from (one per URI)."""
+    return TrackingStore(uri)
 
 
 AXIS_LABELS = {"memory_mb": "memory (MB = 2^20 bytes)", "gflops": "GFLOPs per image (2 x multiply-adds)"}
@@ -110,7 +111,7 @@ def pareto_figure(trials: pd.DataFrame, metric: str, x: str, front: pd.Series, p
 
 def matrix_frame(uri: str, run_id: str, metric: str) -> pd.DataFrame | None:
     try:
-        path = client(uri).download_artifacts(run_id, f"matrices/{metric}.csv")
+        path = store(uri).download(run_id, f"matrices/{metric}.csv", tempfile.mkdtemp(prefix="cvad-dashboard-"))
     except Exception:  # an older or failed run without matrices
         return None
     return pd.read_csv(path, index_col=0)
@@ -131,12 +132,12 @@ def continual_view(uri: str, trials: pd.DataFrame, metric: str, top: pd.Series |
     rows = finished[(finished["name"] + "  #" + finished["trial"].astype(str)).isin(chosen)]
     curves = []
     for _, row in rows.iterrows():
-        for point in client(uri).get_metric_history(row["run_id"], metric):
+        for step, value in store(uri).metric_history(row["run_id"], metric):
             curves.append(
                 {
                     "trial": f"{row['name']} #{row['trial']}",
-                    "after task": point.step + 1,
-                    METRIC_LABELS[metric]: point.value,
+                    "after task": step + 1,
+                    METRIC_LABELS[metric]: value,
                 }
             )
     if curves:
@@ -176,12 +177,13 @@ def continual_view(uri: str, trials: pd.DataFrame, metric: str, top: pd.Series |
                 ),
                 width="stretch",
             )
-        overlays = [a.path for a in client(uri).list_artifacts(row["run_id"], "overlays")]
+        overlays = store(uri).artifact_paths(row["run_id"], "overlays")
         if overlays:
             st.caption("image | ground truth | anomaly map")
             cols = st.columns(min(3, len(overlays)))
             for i, path in enumerate(overlays[:6]):
-                cols[i % len(cols)].image(client(uri).download_artifacts(row["run_id"], path), caption=Path(path).stem)
+                image = store(uri).download(row["run_id"], path, tempfile.mkdtemp(prefix="cvad-dashboard-"))
+                cols[i % len(cols)].image(str(image), caption=Path(path).stem)
 
 
 EXPORT_FORMATS = {"onnx": "ONNX", "torchscript": "TorchScript"}  # cvad export --format: the metrics' infix, title

@@ -14,3 +14,10 @@ def nuts():
     from support import builtin_images
 
     return builtin_images(8)
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+    """The one folder of generated built-in data for every test (``support.tiny_config``'s ``cache``): each option
+    set is generated once a session, into a subfolder named by its digest, and reused by every test after."""
+    return tmp_path_factory.mktemp("builtin-cache")

@@ -1,4 +1,5 @@
-"""`cvad --help`, `cvad recommend` and what the dashboard imports start without torch, timm, Ray, Optuna or the models.
+"""`cvad --help`, `cvad recommend`, what the dashboard imports and config validation start without torch, timm,
+Ray, Optuna or the models.
 
 Each check runs in a fresh interpreter and reads ``sys.modules`` afterwards: it asserts what is
 imported, not how long it takes.
@@ -43,31 +44,61 @@ def test_help_of_every_command_imports_nothing_heavy():
 
 
 def test_what_recommend_and_the_dashboard_import_is_light():
-    extra = "import cvad.selection, cvad.tracking, cvad.metrics, cvad.titles"
+    extra = "import cvad.selection, cvad.tracking, cvad.metrics, cvad.catalog"
     assert loaded_after([], extra) == []
+
+
+VALIDATION_PROBE = """
+import json, sys
+import cvad.catalog, cvad.config
+from cvad.config import ConfigError, validate_config
+validate_config({{}})
+for raw in {configs!r}:
+    try:
+        validate_config(raw)
+    except ConfigError:
+        continue
+    raise SystemExit(f"accepted {{raw}}")
+print("\\nLOADED " + json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))
+"""
+
+
+def test_config_validation_refuses_without_torch_or_the_models():
+    """A bad name, a bad parameter key and an impossible setup are refused from ``cvad.catalog`` and
+    ``cvad.methods`` alone."""
+    bad = [
+        {"model": {"name": "padimm"}},
+        {"model": {"name": "padim", "params": {"n_feature": 3}}},
+        {"backbone": {"name": "mobilenet"}},
+        {"model": {"name": "padim", "params": {"layers": [4, 64]}}},
+        {"model": {"name": "dinomaly"}},
+        {"model": {"name": "simplenet", "preset": "paper"}, "backbone": {"name": "resnet18"}},
+    ]
+    heavy = tuple(m for m in HEAVY if m != "cvad.config") + ("mlflow", "scipy")
+    code = VALIDATION_PROBE.format(configs=bad, heavy=heavy)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.rsplit("LOADED ", 1)[1]) == []
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """An MLflow store with two finished trials logged the way a sweep logs them (no model is built)."""
-    from cvad.tracking import SweepTracker
+    from cvad.record import TrialRecord
+    from cvad.tracking import TrackingStore, trial_tags
 
     root = tmp_path_factory.mktemp("startup-store")
-    tracker = SweepTracker(f"sqlite:///{root / 'mlflow.db'}", "startup")
-    parent = tracker.start_sweep("startup", {}, {})
+    tracker = TrackingStore(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = tracker.open_experiment("startup")
+    parent = tracker.start_sweep(experiment, "startup", {}, {})
     for trial, (model, pixel_f1, mb) in enumerate([("paste", 0.45, 16.9), ("padim", 0.41, 46.7)]):
         config = {
+            "dataset": {"name": "builtin"},
             "model": {"name": model, "params": {}},
             "backbone": {"name": "mobilenetv2_100"},
             "strategy": {"name": "finetune"},
         }
-        tags = {
-            "cvad.model": model,
-            "cvad.backbone": "mobilenetv2_100",
-            "cvad.strategy": "finetune",
-            "cvad.trial": str(trial),
-        }
-        run = tracker.start_trial(parent, f"t{trial}", config, tags)
+        run = tracker.start_trial(experiment, parent, f"t{trial}", config, trial_tags(config, "startup", trial))
         record = {
             "schema": 2, "config": config, "tasks": ["a", "b"], "matrices": {}, "weights": {"pretrained": True},
             "final": {"pixel_f1": pixel_f1, "forgetting_pixel_f1": 0.1, "forgetting_image_f1": 0.0},
@@ -78,7 +109,7 @@ def store(tmp_path_factory) -> Path:
             "wall_seconds": {"train": 1.0, "eval": 1.0, "total": 2.0},
         }  # fmt: skip
         tracker.log_metrics(run, {"pixel_f1": pixel_f1, "image_f1": 0.9}, step=1)
-        tracker.log_result(run, record, {})
+        tracker.log_result(run, TrialRecord.from_dict(record), {})
         tracker.end_trial(run, "FINISHED")
     return root
 

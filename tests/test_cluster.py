@@ -60,10 +60,9 @@ def cluster(tmp_path_factory):
 
 
 def sweep_file(root: Path, name: str, cache: Path, **dataset) -> Path:
-    raw = tiny_sweep(name, cache, resources={"cpus_per_trial": 1})
-    raw["dataset"].update(dataset)
+    """``tiny_sweep`` at one CPU a trial, ``dataset`` over its dataset section, written to ``root/NAME.yaml``."""
     path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(tiny_sweep(name, cache, dataset=dataset, resources={"cpus_per_trial": 1})))
     return path
 
 
@@ -76,8 +75,8 @@ def trial_runs(uri: str, experiment: str) -> list:
     return client, [r for r in runs if r.data.tags.get("cvad.role") == "trial"]
 
 
-def test_sweep_runs_on_two_nodes_and_lands_in_the_mlflow_server(cluster, tmp_path):
-    path = sweep_file(cluster["root"], "two-nodes", tmp_path / "cache")
+def test_sweep_runs_on_two_nodes_and_lands_in_the_mlflow_server(cluster, builtin_cache, tmp_path):
+    path = sweep_file(cluster["root"], "two-nodes", builtin_cache)
     result = subprocess.run(
         [
             str(BIN / "cvad"), "sweep", str(path), "--address", cluster["address"],
@@ -106,8 +105,8 @@ def test_sweep_runs_on_two_nodes_and_lands_in_the_mlflow_server(cluster, tmp_pat
     assert client.get_run(version.run_id).data.tags["cvad.registered"] == "cluster-pick:1"
 
 
-def test_a_killed_node_loses_no_trial(cluster, tmp_path):
-    path = sweep_file(cluster["root"], "node-lost", tmp_path / "cache", image_size=128)
+def test_a_killed_node_loses_no_trial(cluster, builtin_cache, tmp_path):
+    path = sweep_file(cluster["root"], "node-lost", builtin_cache, image_size=128)
     log = tmp_path / "driver.log"  # a file, not a pipe, so that no lingering process can block reading it
     with log.open("w") as sink:
         driver = subprocess.Popen(
@@ -136,8 +135,8 @@ def test_a_killed_node_loses_no_trial(cluster, tmp_path):
     assert len(finished) >= 3  # the lost trial is rerun on the surviving node (or recorded as failed)
 
 
-def test_an_unreachable_tracking_server_fails_before_any_trial(tmp_path):
-    path = sweep_file(tmp_path, "no-server", tmp_path / "cache")
+def test_an_unreachable_tracking_server_fails_before_any_trial(builtin_cache, tmp_path):
+    path = sweep_file(tmp_path, "no-server", builtin_cache)
     result = subprocess.run(
         [
             str(BIN / "cvad"), "sweep", str(path), "--tracking-uri", f"http://127.0.0.1:{free_port()}",

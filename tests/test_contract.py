@@ -208,12 +208,16 @@ def test_the_whole_path_exports_to_onnx_and_matches(case, queries, tmp_path):
 
 
 def run_config(method: str, backbone: str, params: dict):
-    """The run config ``fitted`` builds its model from (two built-in tasks, seed 0)."""
+    """The run config ``fitted`` builds its model from (two built-in tasks of 4 training images, seed 0); its data
+    is never generated, so it names no cache folder."""
+    from support import tiny_config
+
     weights = "random" if backbone == VIT else "imagenet"
     return validate_config(
-        {
-            "model": {"name": method, "params": params},
-            "backbone": {"name": backbone, "weights": weights},
-            "dataset": {"image_size": SIZE, "tasks": ["hex_nut", "brick"]},
-        }
+        tiny_config(
+            None,
+            dataset={"builtin": {"categories": ["hex_nut", "brick"], "train_per_category": 4}},
+            model={"name": method, "params": params},
+            backbone={"name": backbone, "weights": weights},
+        )
     )

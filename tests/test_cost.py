@@ -12,14 +12,8 @@ from cvad.config import ConfigError, validate_config
 from cvad.cost import price_config, task_count
 from cvad.published import PUBLISHED
 from cvad.trial import run_trial
+from support import tiny_config
 
-TINY = {
-    "categories": ["brick", "hex_nut", "grass"],
-    "resolution": 64,
-    "train_per_category": 6,
-    "test_good_per_category": 2,
-    "test_defects_per_category": 2,
-}
 HEADLINE_MVTEC_MOBILENET = {  # docs/methods.md section 7
     "PaSTe, replay 100",
     "STFPM, replay 100",
@@ -29,20 +23,6 @@ HEADLINE_MVTEC_MOBILENET = {  # docs/methods.md section 7
     "SimpleNet, replay 100",
     "CFA, replay 100",
 }
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cost-cache")
-
-
-def tiny(cache_dir, model: dict, strategy: dict | None = None, size: int = 64) -> dict:
-    return {
-        "dataset": {"builtin": TINY, "image_size": size, "batch_size": 6, "cache_dir": str(cache_dir)},
-        "model": model,
-        "strategy": strategy or {"name": "finetune"},
-        "measure_latency": False,
-    }
 
 
 @pytest.mark.parametrize(
@@ -57,9 +37,9 @@ def tiny(cache_dir, model: dict, strategy: dict | None = None, size: int = 64) -
     ],
     ids=["patchcore-cl++", "patchcore-cl", "padim-multimodal", "padim-lite-joint", "stfpm-replay", "cfa-replay"],
 )
-def test_price_equals_what_the_run_measures(cache_dir, model, strategy):
-    config = validate_config(tiny(cache_dir, model, strategy))
-    measured = run_trial(config)["efficiency"]
+def test_price_equals_what_the_run_measures(builtin_cache, model, strategy):
+    config = validate_config(tiny_config(builtin_cache, model=model, strategy=strategy or {"name": "finetune"}))
+    measured = run_trial(config).efficiency
     priced = price_config(config)
     assert priced["tasks"] == 3
     assert priced["memory_bytes"] == pytest.approx(measured["memory_bytes"], rel=1e-3)
@@ -68,22 +48,26 @@ def test_price_equals_what_the_run_measures(cache_dir, model, strategy):
     assert priced["gflops"] == 2 * priced["gmacs"] and priced["memory_mb"] == priced["memory_bytes"] / 2**20
 
 
-def test_state_that_grows_with_tasks_is_priced_per_task(cache_dir):
+def test_state_that_grows_with_tasks_is_priced_per_task(builtin_cache):
     multimodal = validate_config(
-        tiny(cache_dir, {"name": "padim", "params": {"continual": "multimodal", "n_features": 12}})
+        tiny_config(builtin_cache, model={"name": "padim", "params": {"continual": "multimodal", "n_features": 12}})
     )
     gaussians = [price_config(multimodal, n)["memory_bytes_by_part"]["gaussians"] for n in (1, 2, 30)]
     assert gaussians[1] - gaussians[0] == pytest.approx((gaussians[2] - gaussians[0]) / 29, rel=1e-6)
-    cl = validate_config(tiny(cache_dir, {"name": "patchcore", "params": {"continual": "cl", "bank_size": 3000}}))
+    cl = validate_config(
+        tiny_config(builtin_cache, model={"name": "patchcore", "params": {"continual": "cl", "bank_size": 3000}})
+    )
     at = {n: price_config(cl, n) for n in (3, 30)}
     assert at[3]["memory_bytes_by_part"]["memory_bank"] == at[30]["memory_bytes_by_part"]["memory_bank"]  # B in total
     assert at[30]["gflops"] == pytest.approx(at[3]["gflops"], rel=0.05)  # every bank scored: B entries either way
-    routed = validate_config(tiny(cache_dir, {"name": "patchcore", "params": {"continual": "cl++", "bank_size": 3000}}))
+    routed = validate_config(
+        tiny_config(builtin_cache, model={"name": "patchcore", "params": {"continual": "cl++", "bank_size": 3000}})
+    )
     assert price_config(routed, 30)["gflops"] < price_config(routed, 3)["gflops"]  # one bank of B/T scored
 
 
-def test_task_count_comes_from_the_config(cache_dir, tmp_path):
-    assert task_count(validate_config(tiny(cache_dir, {"name": "padim"})).dataset) == 3
+def test_task_count_comes_from_the_config(builtin_cache, tmp_path):
+    assert task_count(validate_config(tiny_config(builtin_cache, model={"name": "padim"})).dataset) == 3
     mvtec = validate_config({"dataset": {"name": "mvtec", "root": str(tmp_path / "absent"), "tasks": "mvtec-ad"}})
     assert task_count(mvtec.dataset) == 15
     folder = validate_config({"dataset": {"name": "folder", "root": str(tmp_path / "absent")}})
@@ -92,11 +76,10 @@ def test_task_count_comes_from_the_config(cache_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_prices_a_config_after_n_tasks(cache_dir, tmp_path):
+def test_cli_prices_a_config_after_n_tasks(builtin_cache, tmp_path):
     path = tmp_path / "multimodal.yaml"
-    path.write_text(
-        json.dumps(tiny(cache_dir, {"name": "padim", "params": {"continual": "multimodal", "n_features": 12}}))
-    )
+    multimodal = {"name": "padim", "params": {"continual": "multimodal", "n_features": 12}}
+    path.write_text(json.dumps(tiny_config(builtin_cache, model=multimodal)))
     command = [sys.executable, "-m", "cvad", "cost", str(path), "--json"]
     prices = [
         json.loads(subprocess.run(command + extra, capture_output=True, text=True, check=True).stdout)

@@ -175,18 +175,20 @@ def test_recommendation_says_how_to_deploy_each_pick(store, tmp_path, monkeypatc
 @pytest.fixture(scope="module")
 def two_streams(store, tmp_path_factory) -> str:
     """A copy of the sweep's store plus one trial of the same sweep on another task list (a resumed 'tasks: all')."""
-    from mlflow.tracking import MlflowClient
-
-    from cvad.tracking import SweepTracker
+    from cvad.tracking import Tag, TrackingStore, trial_tags
 
     copy = tmp_path_factory.mktemp("two-streams") / "mlflow.db"
     shutil.copy(store.removeprefix("sqlite:///"), copy)
     uri = f"sqlite:///{copy}"
-    tracker = SweepTracker(uri, "dash")
-    parent = MlflowClient(uri).search_runs([tracker.experiment_id], "tags.`cvad.role` = 'sweep'")[0].info.run_id
-    config = {"dataset": {"name": "builtin", "tasks": ["brick"]}, "model": {"name": "padim", "params": {}}}
-    tags = {"cvad.model": "padim", "cvad.backbone": "mobilenetv2_100", "cvad.strategy": "finetune", "cvad.trial": "9"}
-    run = tracker.start_trial(parent, "one task", config, tags | {"cvad.dataset": "builtin", "cvad.schema": "2"})
+    tracker = TrackingStore(uri)
+    experiment = tracker.open_experiment("dash")
+    parent = tracker.sweep_run(experiment)
+    config = {
+        "dataset": {"name": "builtin", "tasks": ["brick"]}, "model": {"name": "padim", "params": {}},
+        "backbone": {"name": "mobilenetv2_100"}, "strategy": {"name": "finetune"},
+    }  # fmt: skip
+    tags = trial_tags(config, "dash", 9) | {Tag.SCHEMA: "2"}
+    run = tracker.start_trial(experiment, parent, "one task", config, tags)
     tracker.log_metrics(run, {"pixel_f1": 0.99, "image_f1": 0.99, "memory_mb": 0.01, "gflops": 0.01}, step=0)
     tracker.end_trial(run, "FINISHED")  # would top any front, but it learned one task, not two
     return uri

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support import require
+
 DOCKER = Path(__file__).parents[1] / "docker"
 COMPOSE = shutil.which("docker-compose")
+COMPOSE_MISSING = "docker-compose is not installed (Debian package docker-compose)"
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
 
 
@@ -32,8 +35,8 @@ def compose_config(*env_file: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, cwd=DOCKER.parent)
 
 
-@pytest.mark.skipif(COMPOSE is None, reason="docker-compose is not installed (Debian package docker-compose)")
 def test_compose_file_resolves_to_the_whole_stack(tmp_path):
+    require(COMPOSE is not None, COMPOSE_MISSING)
     result = compose_config(filled_env(tmp_path))
     assert result.returncode == 0, result.stderr
     stack = yaml.safe_load(result.stdout)
@@ -53,8 +56,8 @@ def test_compose_file_resolves_to_the_whole_stack(tmp_path):
     assert services["ray-head"]["environment"]["RAY_AUTH_MODE"] == "token"
 
 
-@pytest.mark.skipif(COMPOSE is None, reason="docker-compose is not installed (Debian package docker-compose)")
 def test_credentials_come_only_from_the_env_file_and_stay_off_command_lines(tmp_path):
+    require(COMPOSE is not None, COMPOSE_MISSING)
     example = dict(
         line.split("=", 1)
         for line in (DOCKER / ".env.example").read_text().splitlines()

@@ -16,40 +16,34 @@ import torch
 
 from cvad.config import validate_config
 from cvad.data.base import read_rgb
+from cvad.data.builtin import BuiltinDataset
 from cvad.detector import DETECTOR_FILE, DetectorError, load_detector
 from cvad.export import ExportError, export_detector, verification_images
 from cvad.trial import run_trial
+from support import tiny_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 pytestmark = pytest.mark.slow
 
 
-def tiny_config(cache: Path, **params) -> dict:
-    return {
-        "dataset": {
-            "image_size": 48,
-            "batch_size": 4,
-            "cache_dir": str(cache),
-            "builtin": {
-                "categories": ["brick", "grass"],
-                "resolution": 48,
-                "train_per_category": 4,
-                "test_good_per_category": 2,
-                "test_defects_per_category": 2,
-            },
-        },
-        "model": {"name": "patchcore", "params": {"continual": "cl++", "bank_size": 200, **params}},
-        "strategy": {"name": "finetune"},
-        "measure_latency": False,
-    }
+DATA = {  # two tasks at 48 px: 4 training and 4 test images each
+    "image_size": 48,
+    "batch_size": 4,
+    "builtin": {"categories": ["brick", "grass"], "resolution": 48, "train_per_category": 4},
+}
+
+
+def cl_plus_plus(**params) -> dict:
+    """The model section: PatchCoreCL++, a bank of 200 (100 entries for each of two tasks), ``params`` over that."""
+    return {"name": "patchcore", "params": {"continual": "cl++", "bank_size": 200, **params}}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, builtin_cache) -> Path:
     """A `cvad run` of PatchCoreCL++ over two built-in tasks: the folder with result.json and detector.pt."""
     root = tmp_path_factory.mktemp("export")
     config = root / "tiny.yaml"
-    config.write_text(json.dumps(tiny_config(root / "cache")))
+    config.write_text(json.dumps(tiny_config(builtin_cache, dataset=DATA, model=cl_plus_plus())))
     out = root / "run"
     done = subprocess.run(
         [sys.executable, "-m", "cvad", "run", str(config), "--out", str(out)], capture_output=True, text=True
@@ -57,6 +51,12 @@ def run_dir(tmp_path_factory) -> Path:
     assert done.returncode == 0, done.stderr
     assert f"cvad export {out} --format onnx" in done.stdout
     return out
+
+
+def data_image(run_dir: Path) -> Path:
+    """A test image of the run's own built-in data (the shared cache holds other option sets too)."""
+    dataset = validate_config(json.loads((run_dir / "result.json").read_text())["config"]).dataset
+    return next(BuiltinDataset(dataset.builtin, dataset.cache_dir).root.rglob("test/*/*.png"))
 
 
 def cvad(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -120,7 +120,7 @@ def test_the_readme_device_lines_run_the_export_without_cvad(run_dir, tmp_path):
     code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
     detector = load_detector(run_dir / DETECTOR_FILE)
     export_detector(detector, "onnx", tmp_path / "detector.onnx", verification_images(detector))
-    image = next((run_dir.parent / "cache").rglob("test/*/*.png"))
+    image = data_image(run_dir)
     shutil.copy(image, tmp_path / "part.png")
     check = code + "\nimport sys\nassert not [m for m in sys.modules if m.split('.')[0] == 'cvad']\n"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path)
@@ -139,14 +139,14 @@ def test_an_export_that_does_not_match_pytorch_writes_nothing(run_dir, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_bank_searched_in_several_blocks_exports_with_a_free_batch_size(tmp_path, monkeypatch):
+def test_a_bank_searched_in_several_blocks_exports_with_a_free_batch_size(builtin_cache, tmp_path, monkeypatch):
     """The nearest-neighbour search splits its queries into blocks by size: a traced graph must take them whole,
     or the block count of the example batch is baked in and another batch size fails."""
     import cvad.models.components.coreset as coreset
     from cvad.detector import Detector
     from cvad.models import build_model
 
-    config = validate_config(tiny_config(tmp_path / "cache", continual="refit"))
+    config = validate_config(tiny_config(builtin_cache, dataset=DATA, model=cl_plus_plus(continual="refit")))
     model = build_model("patchcore", config.model.params, config.setup(tasks=1))
     model.banks.assign([torch.randn(200, 128, generator=torch.Generator().manual_seed(0))])
     monkeypatch.setattr(coreset, "DISTANCE_BLOCK", 200 * 50)  # 50 queries a block: 36 patches an image at 48 px
@@ -155,17 +155,17 @@ def test_a_bank_searched_in_several_blocks_exports_with_a_free_batch_size(tmp_pa
     assert report.max_abs_diff_scores <= report.tolerance_scores
 
 
-def test_a_path_that_cannot_export_names_what_stops_it(tmp_path):
+def test_a_path_that_cannot_export_names_what_stops_it(builtin_cache, tmp_path):
     """CL++ banks of unequal sizes (a task with fewer patches than B/T) are scored route by route: a loop over
     the routes that no static graph holds."""
-    raw = tiny_config(tmp_path / "cache", bank_size=600)
+    raw = tiny_config(builtin_cache, dataset=DATA, model=cl_plus_plus(bank_size=600))
     raw["dataset"]["builtin"]["train_per_category"] = {"brick": 4, "grass": 1}
     out = tmp_path / "run"
     out.mkdir()
     record = run_trial(validate_config(raw), output_dir=out)
     detector = load_detector(out / DETECTOR_FILE)
-    assert len({len(bank) for bank in detector.model.banks}) == 2, record["config"]
-    with pytest.raises(ExportError, match=r"patchcore \(cl\+\+\) .* cannot export to ONNX: .*routes\.unique\(\)"):
+    assert len({len(bank) for bank in detector.model.banks}) == 2, record.config
+    with pytest.raises(ExportError, match=r"PatchCoreCL\+\+ .* cannot export to ONNX: .*routes\.unique\(\)"):
         export_detector(detector, "onnx", tmp_path / "d.onnx", verification_images(detector))
     assert not (tmp_path / "d.onnx").exists()
 
@@ -190,7 +190,7 @@ def test_register_logs_a_model_version_with_the_trials_figures(run_dir, tmp_path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # models:/ URIs resolve there (restored after the test)
     model = mlflow.pyfunc.load_model("models:/edge-camera/1")
     assert [spec.name for spec in model.metadata.get_input_schema().inputs] == ["images"]
-    image = read_rgb(next((run_dir.parent / "cache").rglob("test/*/*.png")), 48).unsqueeze(0).numpy()
+    image = read_rgb(data_image(run_dir), 48).unsqueeze(0).numpy()
     scores = model.predict(image)["image_scores"]
     detector = load_detector(run_dir / DETECTOR_FILE)
     with torch.no_grad():

@@ -8,6 +8,7 @@ import torch
 from cvad.config import validate_config
 from cvad.models.components.frozen import FeatureStore, FrozenOutputs, network_digest
 from cvad.trial import run_trial
+from support import tiny_config
 
 
 def counting(network: torch.nn.Module):
@@ -62,23 +63,17 @@ def test_a_different_network_or_image_never_hits(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_is_the_same_with_and_without_the_shared_cache(tmp_path):
-    raw = {
-        "dataset": {
-            "image_size": 64,
-            "batch_size": 4,
-            "cache_dir": str(tmp_path / "data"),
-            "builtin": {"categories": ["brick", "hex_nut"], "resolution": 64, "train_per_category": 4,
-                        "test_good_per_category": 2, "test_defects_per_category": 2},
-        },
-        "model": {"name": "simplenet", "params": {"steps": 6}},
-        "strategy": {"name": "replay", "replay_size": 3},
-        "measure_latency": False,
-    }  # fmt: skip
+def test_a_run_is_the_same_with_and_without_the_shared_cache(builtin_cache, tmp_path):
+    raw = tiny_config(
+        builtin_cache,
+        dataset={"batch_size": 4, "builtin": {"categories": ["brick", "hex_nut"], "train_per_category": 4}},
+        model={"name": "simplenet", "params": {"steps": 6}},
+        strategy={"name": "replay", "replay_size": 3},
+    )
     config = validate_config(raw)
     alone = run_trial(config)
     filling = run_trial(config, feature_cache=tmp_path / "features")
     reading = run_trial(config, feature_cache=tmp_path / "features")
     assert any((tmp_path / "features").rglob("*.pt"))
     for record in (filling, reading):
-        assert record["matrices"] == alone["matrices"]
+        assert record.matrices == alone.matrices

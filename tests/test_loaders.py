@@ -312,7 +312,7 @@ def test_task_stream_from_config_uses_presets_and_names_missing_categories(tmp_p
 
     root = make_mvtec_tree(tmp_path / "mvtec", categories=("wood", "bottle"))
     config = validate_config({"dataset": {"name": "mvtec", "root": str(root), "tasks": ["wood", "bottle"]}})
-    assert [s.name for s in load_task_stream(config.dataset)] == ["wood", "bottle"]
+    assert [s.name for s in load_task_stream(config.dataset).splits] == ["wood", "bottle"]
     preset = validate_config({"dataset": {"name": "mvtec", "root": str(root), "tasks": "mvtec-ad"}})
     with pytest.raises(DatasetError) as info:
         load_task_stream(preset.dataset)

@@ -70,7 +70,7 @@ def postgres():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_two_drivers_record_every_trial_once_in_both_postgresql_stores(postgres, tmp_path):
+def test_two_drivers_record_every_trial_once_in_both_postgresql_stores(postgres, builtin_cache, tmp_path):
     import optuna
     from mlflow.tracking import MlflowClient
 
@@ -104,7 +104,7 @@ def test_two_drivers_record_every_trial_once_in_both_postgresql_stores(postgres,
         for name in ("pg-a", "pg-b"):
             path = tmp_path / f"{name}.yaml"
             space = {"model": [{"name": "padim", "params": {"n_features": 8, "continual": ["unimodal", "multimodal"]}}]}
-            path.write_text(yaml.safe_dump(tiny_sweep(name, tmp_path / "cache", space=space)))
+            path.write_text(yaml.safe_dump(tiny_sweep(name, builtin_cache, space=space)))
             args = [sys.executable, "-m", "cvad", "sweep", str(path), "--address", f"127.0.0.1:{ray_port}"]
             args += ["--tracking-uri", uri, "--storage", storage, "--store", str(tmp_path / name)]
             drivers[name] = processes.start(args, tmp_path / f"{name}.log", ray_env)

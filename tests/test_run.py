@@ -10,40 +10,26 @@ import pytest
 
 from cvad.config import validate_config
 from cvad.trial import run_trial
+from support import tiny_config
 
-TINY = {
-    "categories": ["brick", "hex_nut", "grass"],
-    "resolution": 64,
-    "train_per_category": {"brick": 8, "hex_nut": 5, "grass": 6},
-    "test_good_per_category": 3,
-    "test_defects_per_category": 4,
+DATA = {  # unequal training sets: the step sizes and replay shares below follow from them
+    "batch_size": 8,
+    "builtin": {
+        "train_per_category": {"brick": 8, "hex_nut": 5, "grass": 6},
+        "test_good_per_category": 3,
+        "test_defects_per_category": 4,
+    },
 }
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cvad-cache")
-
-
-def tiny_config(cache_dir, **sections) -> dict:
-    raw = {
-        "dataset": {"builtin": TINY, "image_size": 64, "batch_size": 8, "cache_dir": str(cache_dir)},
-        "model": {"name": "padim", "params": {"n_features": 16}},
-        "measure_latency": False,
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
-    return raw
-
-
-def trial(cache_dir, **sections) -> dict:
-    return run_trial(validate_config(tiny_config(cache_dir, **sections)))
+def trial(cache, **sections) -> dict:
+    return run_trial(validate_config(tiny_config(cache, dataset=DATA, **sections)))
 
 
 @pytest.mark.slow
-def test_cli_writes_a_complete_result(cache_dir, tmp_path):
+def test_cli_writes_a_complete_result(builtin_cache, tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(json.dumps(tiny_config(cache_dir, strategy={"name": "finetune"})))
+    config.write_text(json.dumps(tiny_config(builtin_cache, dataset=DATA, strategy={"name": "finetune"})))
     out = tmp_path / "out"
     done = subprocess.run(
         [
@@ -93,33 +79,33 @@ def test_cli_writes_a_complete_result(cache_dir, tmp_path):
     assert json.loads((out / "result.json").read_text()) == result  # nothing recorded is lost
 
 
-def test_same_config_and_seed_give_the_same_metrics(cache_dir):
-    a, b = trial(cache_dir), trial(cache_dir)
-    assert a["matrices"] == b["matrices"]
-    assert a["efficiency"]["memory_bytes"] == b["efficiency"]["memory_bytes"]
+def test_same_config_and_seed_give_the_same_metrics(builtin_cache):
+    a, b = trial(builtin_cache), trial(builtin_cache)
+    assert a.matrices == b.matrices
+    assert a.efficiency["memory_bytes"] == b.efficiency["memory_bytes"]
 
 
-def test_joint_fills_only_the_last_row(cache_dir):
-    result = trial(cache_dir, strategy={"name": "joint"})
-    matrix = result["matrices"]["pixel_f1"]
+def test_joint_fills_only_the_last_row(builtin_cache):
+    result = trial(builtin_cache, strategy={"name": "joint"})
+    matrix = result.matrices["pixel_f1"]
     assert all(v is None for row in matrix[:-1] for v in row)
     assert all(v is not None for v in matrix[-1])
-    assert result["final"]["forgetting_pixel_f1"] is None
-    assert result["steps"][0]["trained_on"] == "brick+hex_nut+grass" and result["steps"][0]["train_images"] == 19
+    assert result.final["forgetting_pixel_f1"] is None
+    assert result.steps[0].trained_on == "brick+hex_nut+grass" and result.steps[0].train_images == 19
 
 
-def test_replay_buffer_is_counted_in_memory(cache_dir):
-    result = trial(cache_dir, strategy={"name": "replay", "replay_size": 4})
-    assert result["efficiency"]["memory_bytes_by_part"]["replay_buffer"] == 4 * 3 * 64 * 64
-    assert [s["replay_per_task"] for s in result["steps"]] == [[4], [2, 2], [2, 1, 1]]
-    assert result["steps"][1]["train_images"] == 5 + 4
+def test_replay_buffer_is_counted_in_memory(builtin_cache):
+    result = trial(builtin_cache, strategy={"name": "replay", "replay_size": 4})
+    assert result.efficiency["memory_bytes_by_part"]["replay_buffer"] == 4 * 3 * 64 * 64
+    assert [s.replay_per_task for s in result.steps] == [[4], [2, 2], [2, 1, 1]]
+    assert result.steps[1].train_images == 5 + 4
 
 
-def test_patchcore_cl_plus_plus_routes_built_in_tasks(cache_dir):
-    result = trial(cache_dir, model={"name": "patchcore", "params": {"continual": "cl++", "bank_size": 600}})
-    routing = result["matrices"]["routing_accuracy"][-1]
+def test_patchcore_cl_plus_plus_routes_built_in_tasks(builtin_cache):
+    result = trial(builtin_cache, model={"name": "patchcore", "params": {"continual": "cl++", "bank_size": 600}})
+    routing = result.matrices["routing_accuracy"][-1]
     assert min(routing) >= 0.8  # chance is 1/3
-    assert result["efficiency"]["memory_breakdown_mb"]["prototypes"] > 0
+    assert result.efficiency["memory_breakdown_mb"]["prototypes"] > 0
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -151,12 +137,12 @@ def test_help_is_useful():
 
 
 @pytest.mark.slow
-def test_an_extra_that_cannot_be_written_is_a_warning_not_a_lost_run(cache_dir, tmp_path):
+def test_an_extra_that_cannot_be_written_is_a_warning_not_a_lost_run(builtin_cache, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "overlays").write_text("a file where the overlays folder would go")
     config = tmp_path / "tiny.yaml"
-    config.write_text(json.dumps(tiny_config(cache_dir, strategy={"name": "joint"})))
+    config.write_text(json.dumps(tiny_config(builtin_cache, dataset=DATA, strategy={"name": "joint"})))
     done = run_cli("run", str(config), "--out", str(out))
     assert done.returncode == 0, done.stderr
     record = json.loads((out / "result.json").read_text())
@@ -167,23 +153,24 @@ def test_an_extra_that_cannot_be_written_is_a_warning_not_a_lost_run(cache_dir, 
 
 
 def test_a_record_that_cannot_be_written_is_saved_elsewhere_and_named(tmp_path):
-    from cvad.trial import RecordWriteError, write_record
+    from cvad.record import RecordWriteError, TrialRecord
 
-    record = {"final": {"pixel_f1": 0.5}, "warnings": []}
+    raw = {"config": {}, "tasks": ["a"], "matrices": {}, "final": {"pixel_f1": 0.5}, "efficiency": {}, "schema": 2}
+    record = TrialRecord.from_dict(raw)
     target = tmp_path / "gone" / "result.json"  # its folder vanished: the write fails as on a full disk
     with pytest.raises(RecordWriteError, match="it was saved to (.*json)") as caught:
-        write_record(target, record)
+        record.write(target)
     saved = caught.value.args[0].split("it was saved to ")[1].split(":")[0]
-    assert json.loads(open(saved).read()) == record
+    assert TrialRecord.read(saved) == record
 
 
 @pytest.mark.parametrize("kind", ["file", "unwritable"])
-def test_an_output_that_cannot_take_the_result_is_refused_before_any_work(cache_dir, tmp_path, kind):
+def test_an_output_that_cannot_take_the_result_is_refused_before_any_work(builtin_cache, tmp_path, kind):
     out = tmp_path / "taken" if kind == "file" else "/proc/cvad-out"  # /proc refuses new folders, even to root
     if kind == "file":
         out.write_text("not a folder")
     config = tmp_path / "tiny.yaml"
-    config.write_text(json.dumps(tiny_config(cache_dir)))
+    config.write_text(json.dumps(tiny_config(builtin_cache, dataset=DATA)))
     done = run_cli("run", str(config), "--out", str(out))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert ("is a file; give a folder" if kind == "file" else "cannot write into --out") in done.stderr

@@ -8,10 +8,10 @@ import math
 import pandas as pd
 import pytest
 
+from cvad.record import TrialRecord
 from cvad.selection import (
     Budget,
     SelectionError,
-    Stream,
     display_name,
     load_trials,
     of_stream,
@@ -20,6 +20,8 @@ from cvad.selection import (
     recommend,
     streams,
 )  # fmt: skip
+from cvad.stream import TaskStream as Stream
+from cvad.tracking import TrackingStore, trial_tags
 
 BRICK_GRASS = Stream("builtin", None, ("brick", "grass"))
 
@@ -165,10 +167,13 @@ def log_trial(
     tracker, parent: str, number: int, dataset: dict, tasks: list[str] | None, pixel_f1: float, mb: float, **tags
 ) -> None:
     """A trial logged the way a sweep logs it, without a model: ``tasks`` None logs no record (a pruned trial)."""
-    config = {"dataset": dataset, "model": {"name": "paste", "params": {}}, "strategy": {"name": "finetune"}}
-    tags = {"cvad.model": "paste", "cvad.backbone": "mobilenetv2_100", "cvad.strategy": "finetune"} | tags
-    tags |= {"cvad.trial": str(number), "cvad.dataset": dataset["name"]}
-    run = tracker.start_trial(parent, f"t{number}", config, tags)
+    store, experiment = tracker
+    config = {
+        "dataset": dataset, "model": {"name": "paste", "params": {}}, "backbone": {"name": "mobilenetv2_100"},
+        "strategy": {"name": "finetune"},
+    }  # fmt: skip
+    tags = trial_tags(config, "s", number) | tags
+    run = store.start_trial(experiment, parent, f"t{number}", config, tags)
     if tasks is not None:
         record = {
             "schema": 2, "config": config, "tasks": tasks, "matrices": {}, "weights": {"pretrained": True}, "final": {},
@@ -178,28 +183,27 @@ def log_trial(
             },
             "wall_seconds": {"train": 1.0, "eval": 1.0, "total": 2.0},
         }  # fmt: skip
-        tracker.log_metrics(run, {"pixel_f1": pixel_f1, "image_f1": 0.9}, step=len(tasks) - 1)
-        tracker.log_result(run, record, {})
-    tracker.end_trial(run, "FINISHED")
+        store.log_metrics(run, {"pixel_f1": pixel_f1, "image_f1": 0.9}, step=len(tasks) - 1)
+        store.log_result(run, TrialRecord.from_dict(record), {})
+    store.end_trial(run, "FINISHED")
 
 
 @pytest.fixture(scope="module")
 def streams_store(tmp_path_factory) -> str:
     """One sweep on a folder with ``tasks: all`` whose folder gained a category on resume, a trial that lists its
     tasks, a pruned trial without a record, and a built-in sweep in the same store."""
-    from cvad.tracking import SweepTracker
-
     root = tmp_path_factory.mktemp("streams")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     folder = {"name": "folder", "root": "/data/parts", "tasks": "all"}
-    tracker = SweepTracker(uri, "parts", artifact_root=root)
-    parent = tracker.start_sweep("parts", {}, {})
+    store = TrackingStore(uri)
+    tracker = (store, store.open_experiment("parts", artifact_root=root))
+    parent = store.start_sweep(tracker[1], "parts", {}, {})
     log_trial(tracker, parent, 0, folder, ["bolt", "gear"], 0.60, 10.0)  # tasks read back from result.json
     log_trial(tracker, parent, 1, folder | {"tasks": ["bolt", "gear"]}, ["bolt", "gear"], 0.40, 20.0)  # from the params
     log_trial(tracker, parent, 2, folder, ["bolt", "gear", "nut"], 0.30, 30.0)  # resumed after "nut" was added
     log_trial(tracker, parent, 3, folder, None, 0.0, 0.0, **{"cvad.pruned": "over 1 MB"})  # its sweep ran two lists
-    tracker = SweepTracker(uri, "edge", artifact_root=root)
-    parent = tracker.start_sweep("edge", {}, {})
+    tracker = (store, store.open_experiment("edge", artifact_root=root))
+    parent = store.start_sweep(tracker[1], "edge", {}, {})
     builtin = {"name": "builtin", "tasks": "all", "builtin": {"categories": ["brick", "grass"]}}
     log_trial(tracker, parent, 0, builtin, ["brick", "grass"], 0.50, 5.0)
     log_trial(tracker, parent, 1, builtin, None, 0.0, 0.0, **{"cvad.pruned": "over 1 MB"})  # its sweep ran one list
@@ -248,31 +252,34 @@ def units_store(tmp_path_factory) -> tuple[str, dict]:
     finished run whose parameters no longer validate; returns the URI and the configuration's price."""
     from cvad.config import validate_config
     from cvad.cost import price_config
-    from cvad.tracking import SweepTracker
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('units') / 'mlflow.db'}"
     config = validate_config({"dataset": {"image_size": 64}, "backbone": {"weights": "random"}, "model": PADIM})
     price = price_config(config, 2)
-    tracker = SweepTracker(uri, "units")
-    parent = tracker.start_sweep("units", {}, {})
-    tags = {
-        "cvad.sweep": "units", "cvad.model": "padim", "cvad.backbone": "mobilenetv2_100", "cvad.strategy": "finetune"
-    }  # fmt: skip
-    new = tracker.start_trial(parent, "new", config.to_dict(), tags | {"cvad.trial": "0"})
+    tracker = TrackingStore(uri)
+    experiment = tracker.open_experiment("units")
+    parent = tracker.start_sweep(experiment, "units", {}, {})
+
+    def start(number: int, name: str) -> str:
+        return tracker.start_trial(
+            experiment, parent, name, config.to_dict(), trial_tags(config.to_dict(), "units", number)
+        )
+
+    new = start(0, "new")
     record = {
         "schema": 2, "config": config.to_dict(), "tasks": ["a", "b"], "matrices": {}, "weights": {"pretrained": False},
         "final": {"pixel_f1": 0.4}, "efficiency": price | {"latency_ms": None, "latency_device": "cpu"},
         "wall_seconds": {"train": 1.0, "eval": 1.0, "total": 2.0},
     }  # fmt: skip
     tracker.log_metrics(new, {"pixel_f1": 0.4}, step=1)
-    tracker.log_result(new, record, {})
+    tracker.log_result(new, TrialRecord.from_dict(record), {})
     tracker.end_trial(new, "FINISHED")
-    old = tracker.start_trial(parent, "old", config.to_dict(), tags | {"cvad.trial": "1"})
+    old = start(1, "old")
     schema_1 = {"pixel_f1": 0.4, "memory_mb": price["memory_bytes"] / 1e6, "gflops": price["gmacs"]}  # no schema tag
     tracker.log_metrics(old, schema_1, step=1)
     tracker.client.set_tag(old, "cvad.pretrained", "false")
     tracker.end_trial(old, "FINISHED")
-    stale = tracker.start_trial(parent, "stale", config.to_dict(), tags | {"cvad.trial": "2"})
+    stale = start(2, "stale")
     tracker.client.log_param(stale, "model.params.retired_knob", "3")  # a parameter cvad no longer knows
     tracker.log_metrics(stale, schema_1, step=1)
     tracker.end_trial(stale, "FINISHED")
@@ -313,10 +320,16 @@ def test_projection_reprices_each_configuration_and_keeps_one_that_no_longer_val
     assert stale["memory_mb"] == stale["measured_memory_mb"] == pytest.approx(price["memory_mb"])
 
 
-def test_every_registered_method_and_backbone_has_a_title():
+def test_the_registries_hold_what_the_catalog_names():
+    """Titles, names and where each method lives come from ``cvad.catalog`` (no torch); the registries build them."""
+    from cvad import catalog
     from cvad.backbones import BACKBONES
     from cvad.models import METHODS
-    from cvad.titles import BACKBONE_TITLES, METHOD_TITLES
 
-    assert sorted(METHOD_TITLES) == METHODS.names()
-    assert sorted(BACKBONE_TITLES) == BACKBONES.names()
+    assert METHODS.names() == catalog.METHODS.names()
+    assert BACKBONES.names() == catalog.BACKBONES.names()
+    for name in METHODS:
+        entry = catalog.METHODS.get(name)
+        assert METHODS.get(name) is entry.model_class() and issubclass(entry.model_class(), entry.spec_class())
+        assert entry.title and catalog.method_title(name) == entry.title
+    assert all(catalog.backbone_title(name) != name for name in BACKBONES)  # taps: tests/test_catalog.py

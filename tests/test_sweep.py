@@ -197,7 +197,7 @@ def test_dry_run_prints_the_grid(tmp_path, cache):
     path.write_text(yaml.safe_dump(tiny_sweep("dry", cache)))
     out = subprocess.run([*CVAD, "sweep", str(path), "--dry-run"], capture_output=True, text=True, check=True).stdout
     assert "grid of 4 configurations" in out
-    assert "padim continual=multimodal covariance=full mobilenetv2_100 replay 2" in out
+    assert "PaDiM multimodal + MobileNetV2, replay 2" in out
     assert not (tmp_path / "runs").exists()
 
 
@@ -304,9 +304,10 @@ def test_only_the_trials_on_the_pareto_front_keep_their_fitted_detector(tmp_path
     assert not detector_runs(client, mlflow_runs(tmp_path, "front")[1])[dominated]
     # Exporting a dominated trial says why it has no detector and what keeps one.
     from cvad.deployment import DeploymentError, resolve_source
+    from cvad.tracking import TrackingStore
 
     with pytest.raises(DeploymentError, match=r"kept no fitted detector.*sweep\.detectors: all.*cvad run"):
-        resolve_source(dominated, f"sqlite:///{tmp_path / 'mlflow.db'}")
+        resolve_source(dominated, TrackingStore(f"sqlite:///{tmp_path / 'mlflow.db'}"))
 
 
 @pytest.mark.slow
@@ -555,16 +556,16 @@ def test_a_sweep_killed_with_sigkill_resumes_keeping_every_finished_trial(tmp_pa
 
     # Killed between writing MLflow and telling Optuna: the FINISHED run's record is read back, nothing reruns.
     from cvad.sweep.spec import objective_values
-    from cvad.tracking import SweepTracker
+    from cvad.sweep.study import SweepStudy
+    from cvad.tracking import TrackingStore
 
     runner = SweepRunner(SweepSpec(copy.deepcopy(raw)), SweepOptions(store_dir=store), printer=lambda line: None)
-    tracker = SweepTracker(runner.options.resolved_tracking_uri(), "killed")
+    tracker = TrackingStore(runner.options.resolved_tracking_uri())
     record = tracker.finished_record(kept[0])
-    stale = optuna.create_study(
-        study_name="stale", storage=f"sqlite:///{store / 'optuna.db'}", directions=["maximize", "minimize"]
-    )
+    storage = f"sqlite:///{store / 'optuna.db'}"
+    stale = optuna.create_study(study_name="stale", storage=storage, directions=["maximize", "minimize"])
     trial = stale.ask()
     trial.set_user_attr("mlflow_run_id", kept[0])
-    runner.recover_stale(stale, tracker)
+    SweepStudy(stale, runner.spec, storage).recover_stale(tracker, lambda line: None)
     (recovered,) = stale.get_trials()
     assert recovered.state == TrialState.COMPLETE and recovered.values == objective_values(runner.spec, record)

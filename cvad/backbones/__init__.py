@@ -1,28 +1,30 @@
 """Backbones: a registry from a name to a frozen feature extractor with known weights.
 
 Every backbone exposes its blocks as taps (``taps``: name, channels, stride, known before
-any weight is loaded). A method asks for feature layers by stride (the last block at that
-resolution, e.g. 8 and 16 for PatchCore's mid-level maps) or by block name (the paper's
-configurations tap blocks inside a stage) and keeps only the blocks up to the deepest tap.
+any weight is loaded: ``cvad.catalog`` lists them, ``measure_taps`` finds them in the network).
+A method asks for feature layers by stride (the last block at that resolution, e.g. 8 and 16
+for PatchCore's mid-level maps) or by block name (the paper's configurations tap blocks inside
+a stage) and keeps only the blocks up to the deepest tap.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 
 import timm
 import torch
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
+from cvad import catalog
 from cvad.backbones import mcunet, phinet
 from cvad.backbones.mcunet import MCUNET_VARIANTS, build_mcunet
 from cvad.backbones.phinet import build_phinet
 from cvad.backbones.staged import StagedNetwork
 from cvad.backbones.weights import PackagedWeights, WeightsInfo, resolve_weights
+from cvad.catalog import Layers, Tap, resolve_layers, taps
 from cvad.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,8 +43,11 @@ class BackboneSpec:
     packaged: tuple[PackagedWeights, ...] = ()
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    is_vit: bool = False
     notes: str = ""
+
+    @property
+    def is_vit(self) -> bool:
+        return catalog.BACKBONES.get(self.name).is_vit
 
     @property
     def hub_id(self) -> str | None:
@@ -112,13 +117,12 @@ register(
 )
 register(BackboneSpec("resnet18", timm_name="resnet18"))
 register(BackboneSpec("wide_resnet50_2", timm_name="wide_resnet50_2"))
-register(BackboneSpec("deit_tiny_patch16_224", timm_name="deit_tiny_patch16_224", is_vit=True))
-register(BackboneSpec("vit_base_patch16_224", timm_name="vit_base_patch16_224", is_vit=True))
+register(BackboneSpec("deit_tiny_patch16_224", timm_name="deit_tiny_patch16_224"))
+register(BackboneSpec("vit_base_patch16_224", timm_name="vit_base_patch16_224"))
 register(
     BackboneSpec(
         "vit_base_patch14_dinov2",
         timm_name="vit_base_patch14_dinov2",
-        is_vit=True,
         notes="DINOv2 ViT-B/14, the paper's 'ViT Base' Dinomaly reference; native input 518 px",
     )
 )
@@ -126,22 +130,9 @@ register(
     BackboneSpec(
         "vit_small_patch14_reg4_dinov2",
         timm_name="vit_small_patch14_reg4_dinov2",
-        is_vit=True,
         notes="DINOv2 ViT-S/14 with 4 register tokens, the original Dinomaly-S encoder; native input 518 px",
     )
 )
-
-
-@dataclass(frozen=True)
-class Tap:
-    """A block whose output a method can read: where it is, how wide and how coarse."""
-
-    name: str  # e.g. "blocks.3.2" (timm EfficientNet family), "layer2.1" (ResNet), "stages.2.0" (MCUNet, PhiNet)
-    channels: int
-    stride: int  # input pixels per feature cell
-
-
-Layers = tuple[int | str, ...]  # feature taps as methods take them: a stride, or a block name
 
 
 def cnn_blocks(name: str, net: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -197,9 +188,8 @@ def load_network(name: str, weights: str = "imagenet") -> tuple[nn.Module, Weigh
     return full, info
 
 
-@cache
-def taps(name: str) -> tuple[Tap, ...]:
-    """Every block of a backbone a method can tap, in execution order, with its channels and stride.
+def measure_taps(name: str) -> tuple[Tap, ...]:
+    """The taps of a backbone as its network has them (what ``cvad.catalog`` lists; a test holds the two equal).
 
     Shapes come from a forward pass on the meta device: no weights, no arithmetic.
     A ViT's taps are its transformer blocks, all at the patch stride.
@@ -217,33 +207,6 @@ def taps(name: str) -> tuple[Tap, ...]:
             x = block(x)
             found.append(Tap(block_name, x.shape[1], size // x.shape[-1]))
     return tuple(found)
-
-
-def resolve_layers(name: str, layers: Layers) -> tuple[int, ...]:
-    """Indices into ``taps(name)`` of the requested feature layers, shallowest first.
-
-    An integer asks for the last block at that stride (the end of that resolution stage);
-    a string names a block (``cvad list --taps BACKBONE`` lists them).
-    """
-    available = taps(name)
-    names = [tap.name for tap in available]
-    strides = sorted({tap.stride for tap in available})
-    picked = []
-    for layer in layers:
-        if isinstance(layer, int):
-            matches = [i for i, tap in enumerate(available) if tap.stride == layer]
-            if not matches:
-                raise ValueError(f"backbone {name} has no block at stride {layer}; its strides are {strides}")
-            picked.append(matches[-1])
-        elif layer in names:
-            picked.append(names.index(layer))
-        else:
-            close = difflib.get_close_matches(str(layer), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"backbone {name} has no block {layer!r}{hint}; its blocks are {', '.join(names)}")
-    if any(later <= earlier for earlier, later in zip(picked, picked[1:])):
-        raise ValueError(f"feature layers {list(layers)} of {name} must be distinct and ordered shallowest first")
-    return tuple(picked)
 
 
 class FeatureExtractor(nn.Module):

@@ -21,20 +21,9 @@ from cvad.metrics import METRICS, ImageMetrics, PixelMetrics
 from cvad.models.base import AnomalyModel, ImageBatches, Task
 from cvad.models.components.frozen import FeatureStore
 from cvad.progress import Listener, StepDone, TaskEvaluated, TrainStarted, ignore
+from cvad.record import StepRecord
 
 StrategyName = Literal["finetune", "replay", "joint"]
-
-
-@dataclass
-class StepRecord:
-    """What happened at one training step of the stream."""
-
-    step: int
-    trained_on: str
-    train_images: int
-    train_seconds: float
-    eval_seconds: float
-    replay_per_task: list[int] | None = None
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from cvad.data.base import CategorySplit, DatasetError, ImageDataset, Sample, check_split
 from cvad.data.presets import TASK_PRESETS
+from cvad.stream import TaskStream, stream_digest
 
 if TYPE_CHECKING:
     from cvad.config import DatasetConfig
@@ -34,16 +34,20 @@ def open_dataset(config: DatasetConfig, progress: Callable[[str], None] | None =
     return MVTecAD(config.root) if config.name == "mvtec" else FolderDataset(config.root)
 
 
-def load_task_stream(config: DatasetConfig, progress: Callable[[str], None] | None = None) -> list[CategorySplit]:
+def task_names(config: DatasetConfig, available: list[str]) -> list[str]:
+    """The categories a dataset section names, in task order (``all`` and presets resolved)."""
+    if config.tasks == "all":
+        return available
+    if isinstance(config.tasks, str):
+        return list(TASK_PRESETS[config.tasks])
+    return list(config.tasks)
+
+
+def load_task_stream(config: DatasetConfig, progress: Callable[[str], None] | None = None) -> TaskStream:
     """The configured categories, in task order, each checked and read."""
     source = open_dataset(config, progress)
     available = source.categories()
-    if config.tasks == "all":
-        names = available
-    elif isinstance(config.tasks, str):
-        names = list(TASK_PRESETS[config.tasks])
-    else:
-        names = list(config.tasks)
+    names = task_names(config, available)
     unknown = [n for n in names if n not in available]
     if unknown:
         raise DatasetError(
@@ -53,29 +57,7 @@ def load_task_stream(config: DatasetConfig, progress: Callable[[str], None] | No
     splits = [source.load(name) for name in names]
     for split in splits:
         check_split(split)
-    return splits
-
-
-def stream_digest(splits: list[CategorySplit]) -> str:
-    """A short digest of a stream's file list (category, split and path below the category, in task order).
-
-    Two streams with the same files in the same order share it wherever their folders are; a file
-    added, removed or renamed changes it. Contents are not read (a digest of the list, not the pixels).
-    """
-    digest = hashlib.sha256()
-    for split in splits:
-        for part, samples in (("train", split.train), ("test", split.test)):
-            for sample in samples:
-                for path in (sample.image, sample.mask):
-                    if path is not None:
-                        parts = path.parts
-                        below = (
-                            parts[len(parts) - 1 - parts[::-1].index(split.name) :]
-                            if split.name in parts
-                            else parts[-1:]
-                        )
-                        digest.update(f"{part}:{'/'.join(below)}\n".encode())
-    return digest.hexdigest()[:16]
+    return TaskStream.of(config, splits)
 
 
 __all__ = [
@@ -84,6 +66,7 @@ __all__ = [
     "DatasetSource",
     "ImageDataset",
     "Sample",
+    "TaskStream",
     "load_task_stream",
     "open_dataset",
     "stream_digest",

@@ -1,14 +1,20 @@
-"""What every dataset source yields: per-category splits of image files, read as tensors."""
+"""What every dataset source yields: per-category splits of image files, read as tensors.
+
+Listing and checking files needs no torch (config validation imports this module); reading images
+into tensors imports it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DatasetError(ValueError):
@@ -85,6 +91,8 @@ def to_uint8(im: Image.Image) -> Image.Image:
 
 def read_rgb(path: Path, size: int) -> torch.Tensor:
     """uint8 tensor [3, size, size]: the image resized with antialiasing (any bit depth, scaled to 8 bits)."""
+    import torch
+
     with Image.open(path) as im:
         im = to_uint8(im).convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=None)
         arr = np.asarray(im, dtype=np.uint8)
@@ -93,6 +101,8 @@ def read_rgb(path: Path, size: int) -> torch.Tensor:
 
 def read_mask(path: Path | None, size: int) -> torch.Tensor:
     """bool tensor [size, size]; an absent mask is all background. Any non-zero value is a defect, at any bit depth."""
+    import torch
+
     if path is None:
         return torch.zeros(size, size, dtype=torch.bool)
     with Image.open(path) as im:
@@ -102,8 +112,9 @@ def read_mask(path: Path | None, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(mask) > 0)
 
 
-class ImageDataset(Dataset):
-    """Samples as ``{"image": uint8 [3,S,S], "mask": bool [S,S], "label": int}``.
+class ImageDataset:
+    """Samples as ``{"image": uint8 [3,S,S], "mask": bool [S,S], "label": int}``: a map-style dataset
+    (``len`` and indexing) for torch's ``DataLoader`` and ``ConcatDataset``.
 
     Images stay uint8 here: replay buffers store exactly these bytes, and models
     normalise inside their own inference path.

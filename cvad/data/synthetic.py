@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from cvad.data.base import DatasetError
 
@@ -60,6 +59,8 @@ def soft_shadow(cover: np.ndarray, offset: float, blur: float) -> np.ndarray:
 
     Computed at a quarter of the resolution: a blurred shadow has no detail to lose.
     """
+    from scipy import ndimage  # 0.3 s to import: not for config validation, which imports this module
+
     size = cover.shape[0]
     factor = 4 if size >= 64 else 1
     small = cover[factor // 2 :: factor, factor // 2 :: factor]

@@ -1,4 +1,5 @@
-"""Method registry: a name -> AnomalyModel subclass. Import a method module to register it."""
+"""Method registry: a name -> AnomalyModel subclass, for every method ``cvad.catalog`` names (a test holds the two
+equal). Import a method module to register it."""
 
 from __future__ import annotations
 

@@ -10,16 +10,21 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cvad.backbones import FeatureExtractor, resolve_layers
+from cvad.backbones import FeatureExtractor
 from cvad.backbones.weights import WeightsInfo
+from cvad.methods.base import MethodParams, MethodSpec, Setup, SetupError, feature_layers
 from cvad.models.components.frozen import FeatureStore
 from cvad.progress import Listener, ignore
+
+__all__ = [  # with the torch-free part of the contract, cvad.methods.base
+    "AnomalyModel", "AnomalyOutput", "ImageBatches", "MethodParams", "MethodSpec", "Setup", "SetupError", "Task",
+    "TensorList", "feature_layers",
+]  # fmt: skip
 
 
 class AnomalyOutput(NamedTuple):
@@ -30,37 +35,6 @@ class AnomalyOutput(NamedTuple):
     # Methods that identify each image's task themselves (PatchCoreCL, CL++): the 0-based task
     # index they routed each image to, [B]; the protocol scores routing accuracy with it.
     routed_tasks: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What every method is built from besides its own parameters (the run config's other sections)."""
-
-    backbone: str  # a registered backbone name
-    weights: str = "imagenet"  # imagenet | random | a checkpoint path
-    image_size: int = 224  # square input side, px
-    seed: int = 0
-    tasks: int | None = None  # tasks in the stream when known before the data is read (stored state may depend on it)
-
-
-class SetupError(ValueError):
-    """A method cannot be built on this backbone, image size or stream; the message says what to change."""
-
-
-class MethodParams(BaseModel):
-    """Base of every method's hyper-parameters: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def feature_layers(default: tuple[int | str, ...]) -> Any:
-    """The ``layers`` field every backbone-tapping method shares."""
-    return Field(
-        default,
-        min_length=1,
-        description="feature taps, shallowest first: a stride (the last block at that stride) "
-        "or a block name (cvad list --taps BACKBONE)",
-    )
 
 
 class ImageBatches:
@@ -94,12 +68,14 @@ class Task:
     features: FeatureStore = field(default_factory=FeatureStore)
 
 
-class AnomalyModel(nn.Module, ABC):
+class AnomalyModel(MethodSpec, nn.Module, ABC):
     """The contract of an anomaly-detection method: fit a task, score images, report what it stores.
 
-    A subclass sets ``name`` and ``Params`` and implements ``fit_task``, ``forward`` and
-    ``stored_tensors``; it may refine ``check_setup`` and ``shape_as_fitted``. It is built as
-    ``Method(params, setup)``. Rules the shared tests hold every method to:
+    A method's model subclasses its torch-free declaration (``cvad.methods.<name>``, a
+    :class:`~cvad.methods.base.MethodSpec`: ``name``, ``Params``, the paper preset, ``check_setup``)
+    and this class, and implements ``fit_task``, ``forward`` and ``stored_tensors``; it may refine
+    ``shape_as_fitted``. It is built as ``Method(params, setup)``. Rules the shared tests hold every
+    method to:
 
     - ``forward`` is the whole deployed inference path (backbone, heads, scoring, task routing):
       GFLOPs are counted by tracing it, and it must not change the model's state;
@@ -109,41 +85,10 @@ class AnomalyModel(nn.Module, ABC):
       ``TrainingDivergedError`` (the shared loop in ``components.training`` does both).
     """
 
-    name: ClassVar[str]
-    Params: ClassVar[type[MethodParams]] = MethodParams
-    # The paper's configuration (``model.preset: paper``): the method's original training schedule,
-    # and per backbone the settings the paper's efficiency figures imply (cvad.models.paper).
-    PAPER_TRAINING: ClassVar[dict] = {}
-    PAPER_CONFIG: ClassVar[dict[str, dict]] = {}
-
     def __init__(self, params: MethodParams, setup: Setup) -> None:
         super().__init__()
         self.params = params
         self.setup = setup
-
-    @classmethod
-    def check_setup(cls, params: MethodParams, setup: Setup) -> None:
-        """Raise :class:`SetupError` if ``params`` cannot work on ``setup``; run at config validation, before any data.
-
-        The base checks that the feature taps in ``params.layers`` exist on the backbone.
-        It builds nothing but a weightless description of the backbone (``cvad.backbones.taps``).
-        """
-        layers = getattr(params, "layers", None)
-        if layers is not None:
-            try:
-                resolve_layers(setup.backbone, tuple(layers))
-            except ValueError as exc:
-                raise SetupError(f"{cls.name}: model.params.layers: {exc}") from None
-
-    @classmethod
-    def paper_preset(cls, backbone: str, params: dict) -> dict:
-        """The paper's parameters for this method on ``backbone``; ``params`` (given by the user) win over them."""
-        if cls.PAPER_CONFIG and backbone not in cls.PAPER_CONFIG:
-            raise ValueError(
-                f"the paper ran {cls.name} on {', '.join(cls.PAPER_CONFIG)}, not on {backbone}; "
-                "drop model.preset or choose one of those backbones"
-            )
-        return cls.PAPER_TRAINING | cls.PAPER_CONFIG.get(backbone, {})
 
     @abstractmethod
     def fit_task(self, task: Task) -> None:

@@ -28,41 +28,17 @@ decay 5e-4, 30 epochs, batch 4; cvad has no AMSGrad switch and the batch is ``da
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from cvad.backbones import FeatureExtractor, Layers
-from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, Task, feature_layers
+from cvad.backbones import FeatureExtractor
+from cvad.methods.cfa import CFAParams, CFASpec
+from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, Task
 from cvad.models.components.coreset import greedy_k_center
 from cvad.models.components.frozen import FrozenOutputs, extractor_digest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
-from cvad.models.components.training import TrainingParams, make_optimizer, train_loop
-from cvad.models.paper import DESCRIPTOR_LAYERS
-
-
-class CFAParams(TrainingParams):
-    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    layers: Layers = feature_layers((4, 8, 16))
-    compression: int = Field(
-        1, ge=1, description="keep 1 in this many memory entries (greedy k-center); 1 keeps every position"
-    )
-    train_patches: int | None = Field(
-        512, ge=1, description="patches per image drawn (seeded) for each update; null: every patch, as the original"
-    )
-    k: int = Field(3, ge=1, description="nearest memory features each feature is pulled towards")
-    j: int = Field(3, ge=0, description="hard negatives pushed out, after the k nearest")
-    radius: float = Field(1e-5, ge=0, description="hypersphere radius r")
-    alpha: float = Field(0.1, ge=0, description="margin beyond r for the hard negatives")
-    blur_sigma: float = Field(4.0, gt=0)
-    score_margin: int = Field(
-        16, ge=0, description="px along the border the image score (the map's maximum) leaves out; 0: the whole map"
-    )
+from cvad.models.components.training import make_optimizer, train_loop
 
 
 class CoordConvDescriptor(nn.Module):
@@ -79,21 +55,7 @@ class CoordConvDescriptor(nn.Module):
         return self.conv(torch.cat([features, xs, ys], dim=1))
 
 
-class CFA(AnomalyModel):
-    name = "cfa"
-    Params = CFAParams
-    PAPER_TRAINING: ClassVar[dict] = {
-        "optimizer": "adamw",
-        "lr": 1e-3,
-        "weight_decay": 5e-4,
-        "epochs": 30,
-        "k": 3,
-        "j": 3,
-    }
-    PAPER_CONFIG: ClassVar[dict[str, dict]] = {
-        backbone: {"layers": layers} for backbone, layers in DESCRIPTOR_LAYERS.items()
-    }
-
+class CFA(CFASpec, AnomalyModel):
     params: CFAParams
 
     def __init__(self, params: CFAParams, setup: Setup) -> None:

@@ -19,13 +19,11 @@ Lite stores the sample variance; eps is added when scoring.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
-from cvad.backbones import FeatureExtractor, Layers
-from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Setup, Task, feature_layers
+from cvad.backbones import FeatureExtractor
+from cvad.methods.padim import PaDiMParams, PaDiMSpec
+from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, Task
 from cvad.models.components.gaussian import (
     GaussianAccumulator,
     GaussianStats,
@@ -36,29 +34,9 @@ from cvad.models.components.gaussian import (
     whitening_factor,
 )
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
-from cvad.models.paper import DESCRIPTOR_LAYERS, PADIM_FEATURES
 
 
-class PaDiMParams(MethodParams):
-    layers: Layers = feature_layers((4, 8, 16))
-    n_features: int | None = Field(100, ge=1, description="random channel subset d (seeded); null keeps all channels")
-    covariance: Literal["full", "diagonal"] = "full"
-    continual: Literal["refit", "original", "unimodal", "multimodal"] = "refit"
-    epsilon: float = Field(0.01, gt=0)
-    blur_sigma: float = Field(4.0, gt=0)
-
-
-class PaDiM(AnomalyModel):
-    name = "padim"
-    Params = PaDiMParams
-    PAPER_CONFIG = {backbone: {"layers": layers} for backbone, layers in DESCRIPTOR_LAYERS.items()}
-
-    @classmethod
-    def paper_preset(cls, backbone: str, params: dict) -> dict:
-        """The descriptor layers, and the channel subset d the paper's MB implies for the chosen covariance."""
-        covariance = params.get("covariance", PaDiMParams.model_fields["covariance"].default)
-        return super().paper_preset(backbone, params) | {"n_features": PADIM_FEATURES[backbone][covariance]}
-
+class PaDiM(PaDiMSpec, AnomalyModel):
     params: PaDiMParams
 
     def __init__(self, params: PaDiMParams, setup: Setup) -> None:

@@ -16,58 +16,17 @@ The CL variants return, for every scored image, the task they routed it to
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
-from cvad.backbones import FeatureExtractor, Layers
-from cvad.models.base import (
-    AnomalyModel,
-    AnomalyOutput,
-    MethodParams,
-    Setup,
-    SetupError,
-    Task,
-    TensorList,
-    feature_layers,
-)
+from cvad.backbones import FeatureExtractor
+from cvad.methods.patchcore import PatchCoreParams, PatchCoreSpec
+from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, Task, TensorList
 from cvad.models.components.coreset import DISTANCE_BLOCK, greedy_k_center, nearest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
-from cvad.models.paper import DESCRIPTOR_LAYERS
 
 
-class PatchCoreParams(MethodParams):
-    layers: Layers = feature_layers((8, 16))
-    continual: Literal["refit", "cl", "cl++"] = "refit"
-    bank_size: int | None = Field(10_000, ge=1, description="patch vectors kept in total (B)")
-    bank_ratio: float | None = Field(
-        None, gt=0, le=1, description="refit only: keep this fraction of the patches instead"
-    )
-    projection_dim: int | None = Field(128, ge=1, description="random projection used only to speed up k-center")
-    num_neighbors: int = Field(9, ge=1, description="b in the image-score reweighting")
-    prototype: Literal["map", "pooled"] = Field(
-        "map", description="cl++ routing prototype: the mean deepest map, or its spatial average"
-    )
-    blur_sigma: float = Field(4.0, gt=0)
-
-    @model_validator(mode="after")
-    def one_bank_budget(self) -> PatchCoreParams:
-        if self.bank_ratio is not None and self.continual != "refit":
-            raise ValueError("bank_ratio applies to continual 'refit' only; CL variants share a total bank_size B")
-        if self.bank_ratio is None and self.bank_size is None:
-            raise ValueError("give bank_size (a count) or bank_ratio (a fraction)")
-        return self
-
-
-class PatchCore(AnomalyModel):
-    name = "patchcore"
-    Params = PatchCoreParams
-    PAPER_CONFIG = {
-        backbone: {"layers": layers, "prototype": "pooled"} for backbone, layers in DESCRIPTOR_LAYERS.items()
-    }
-
+class PatchCore(PatchCoreSpec, AnomalyModel):
     params: PatchCoreParams
 
     def __init__(self, params: PatchCoreParams, setup: Setup) -> None:
@@ -76,17 +35,6 @@ class PatchCore(AnomalyModel):
         self.head = AnomalyMapHead(setup.image_size, params.blur_sigma)
         self.banks = TensorList()  # one per task (or one), rows in greedy k-center order
         self.register_buffer("prototypes", None)  # [T, C, h, w] or [T, C] (pooled), cl++ only
-
-    @classmethod
-    def check_setup(cls, params: PatchCoreParams, setup: Setup) -> None:
-        """A CL bank of B patches shares B among the tasks: at least one each."""
-        super().check_setup(params, setup)
-        if params.continual != "refit" and setup.tasks is not None and params.bank_size < setup.tasks:
-            raise SetupError(
-                f"patchcore: bank_size {params.bank_size} cannot hold a bank for each of the stream's "
-                f"{setup.tasks} tasks (continual {params.continual!r} keeps floor(B/T) patches per task); "
-                f"raise model.params.bank_size to at least {setup.tasks}"
-            )
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
         """Patch descriptors [B, P, D] (3x3-averaged, concatenated levels), their grid, and each image's

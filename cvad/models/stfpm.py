@@ -23,29 +23,17 @@ and, with ``blur_sigma``, the map head's kernel.
 from __future__ import annotations
 
 import copy
-from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from cvad.backbones import BACKBONES, FeatureExtractor, Layers
-from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, SetupError, Task, feature_layers
+from cvad.backbones import FeatureExtractor
+from cvad.methods.stfpm import STFPMParams, STFPMSpec
+from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, Task
 from cvad.models.components.frozen import FrozenOutputs, network_digest
 from cvad.models.components.maps import GaussianBlur
-from cvad.models.components.training import TrainingParams, make_optimizer, train_loop
-from cvad.models.paper import STUDENT_TEACHER_LAYERS
-
-
-class STFPMParams(TrainingParams):
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    layers: Layers = feature_layers((4, 8, 16))
-    combine: Literal["product", "sum"] = Field("product", description="how per-level maps combine into one")
-    blur_sigma: float | None = Field(
-        None, gt=0, description="Gaussian blur of the final map; null: none (the original)"
-    )
+from cvad.models.components.training import make_optimizer, train_loop
 
 
 def run_layers(layers: list[nn.Module], x: torch.Tensor, start: int, outputs: list[int]) -> list[torch.Tensor]:
@@ -69,20 +57,7 @@ def reinitialise(module: nn.Module, seed: int) -> None:
                 layer.reset_running_stats()
 
 
-class STFPM(AnomalyModel):
-    name = "stfpm"
-    Params = STFPMParams
-    PAPER_TRAINING: ClassVar[dict] = {
-        "optimizer": "sgd",
-        "lr": 0.4,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "epochs": 100,
-    }
-    PAPER_CONFIG: ClassVar[dict[str, dict]] = {
-        backbone: {"layers": layers} for backbone, (layers, _) in STUDENT_TEACHER_LAYERS.items()
-    }
-
+class STFPM(STFPMSpec, AnomalyModel):
     params: STFPMParams
 
     def __init__(self, params: STFPMParams, setup: Setup) -> None:
@@ -97,22 +72,6 @@ class STFPM(AnomalyModel):
         self.student.requires_grad_(True)
         self.blur = GaussianBlur(params.blur_sigma) if params.blur_sigma else None
         self.loss_history: list[list[float]] = []
-
-    @classmethod
-    def check_setup(cls, params: STFPMParams, setup: Setup) -> None:
-        """The student copies the teacher's blocks: the backbone must be a CNN, and a level must be left to learn."""
-        if BACKBONES.get(setup.backbone).is_vit:
-            raise SetupError(
-                f"{cls.name}: backbone {setup.backbone} is not a convolutional network; STFPM and PaSTe need a CNN "
-                "teacher (choose e.g. mobilenetv2_100)"
-            )
-        super().check_setup(params, setup)
-        cls.shared_layers(params, setup.backbone)
-
-    @classmethod
-    def shared_layers(cls, params: STFPMParams, backbone: str) -> int:
-        """How many of the teacher's first blocks the student shares: none for STFPM."""
-        return 0
 
     @torch.no_grad()
     def teacher_side(self, images: torch.Tensor) -> list[torch.Tensor]:

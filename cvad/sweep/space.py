@@ -273,3 +273,23 @@ def corners(node: Node) -> Iterator[dict[str, Any]]:
             yield point
     else:
         yield from grid(node)
+
+
+def describe_space(node: Node, indent: str = "") -> list[str]:
+    """The space as indented lines: each parameter's choices or range, each alternative's branch under it."""
+    if isinstance(node, Categorical):
+        return [f"{indent}{node.name}: one of {list(node.choices)}"]
+    if isinstance(node, Numeric):
+        scale = "log " if node.log else ""
+        step = f" step {node.step}" if node.step else ""
+        return [f"{indent}{node.name}: {scale}{node.kind} in [{node.low}, {node.high}]{step}"]
+    if isinstance(node, Alternatives):
+        lines = [f"{indent}{node.name}: one of {list(node.labels)}"]
+        for label, branch in zip(node.labels, node.branches):
+            inner = describe_space(branch, indent + "    ")
+            if inner:
+                lines += [f"{indent}  if {label}:", *inner]
+        return lines
+    if isinstance(node, Mapping):
+        return [line for child in node.children for line in describe_space(child, indent)]
+    return []

@@ -34,14 +34,10 @@ from cvad.config import (
     set_path,
     validate_config,
 )
-from cvad.metrics import DETECTION_METRICS, FORGETTING_METRICS
+from cvad.record import RECORD_METRICS, TrialRecord
+from cvad.stream import section_key
 from cvad.sweep.space import Node, SpaceError, corners, grid, parse_space, sample
 
-# What an objective or constraint may name: where it lives in the result record.
-RECORD_METRICS = {
-    **{metric: ("final", metric) for metric in (*DETECTION_METRICS, *FORGETTING_METRICS)},
-    **{metric: ("efficiency", metric) for metric in ("memory_mb", "gflops", "latency_ms")},
-}
 MAX_VALIDATED_POINTS = 20_000
 
 
@@ -81,13 +77,12 @@ class Constraints(StrictModel):
         budgets = [("max_mb", "memory_mb", "MB", self.max_mb), ("max_gflops", "gflops", "GFLOPs", self.max_gflops)]
         return [budget for budget in budgets if budget[-1] is not None]
 
-    def values(self, record: dict) -> list[float]:
-        eff = record["efficiency"]
+    def values(self, eff: dict) -> list[float]:
+        """Optuna's constraint values (<= 0 feasible) of an efficiency record (a trial's, or a price)."""
         return [eff[field] - limit for _, field, _, limit in self.limits()]
 
-    def violations(self, record: dict) -> list[str]:
-        """The budgets a record breaks, in words ("25.3 MB > max_mb 20"); empty when it fits."""
-        eff = record["efficiency"]
+    def violations(self, eff: dict) -> list[str]:
+        """The budgets an efficiency record breaks, in words ("25.3 MB > max_mb 20"); empty when it fits."""
         return [
             f"{eff[field]:.3g} {unit} > {name} {limit:g}"
             for name, field, unit, limit in self.limits()
@@ -155,24 +150,8 @@ def data_key(dataset: DatasetConfig) -> str:
     return json.dumps(dataset.model_dump(mode="json", exclude=set(READING_FIELDS)), sort_keys=True)
 
 
-def tasks_key(dataset: DatasetConfig) -> str:
-    """What decides a dataset section's task list: source, root, ``tasks`` (and a built-in set's categories), as text.
-
-    The sweep pins one concrete task list per key (``SweepRunner.check_data``); the key is what
-    the study stores them under.
-    """
-    key: dict[str, Any] = {
-        "name": dataset.name,
-        "root": None if dataset.root is None else str(dataset.root),
-        "tasks": dataset.tasks,
-    }
-    if dataset.name == "builtin":
-        key["categories"] = list(dataset.builtin.categories)
-    return json.dumps(key, sort_keys=True)
-
-
 def describe_dataset(dataset: DatasetConfig | dict) -> str:
-    """A dataset section (or a ``tasks_key``, loaded) in words: ``'folder' at /data/x (tasks: all)``."""
+    """A dataset section (or a ``cvad.stream.section_key``, loaded) in words: ``'folder' at /data/x (tasks: all)``."""
     fields = dataset.model_dump(mode="json") if isinstance(dataset, DatasetConfig) else dataset
     tasks = fields["tasks"]
     where = f" at {fields['root']}" if fields.get("root") else ""
@@ -232,7 +211,7 @@ class SweepSpec:
     def config_for(self, trial, tasks: dict[str, list[str]] | None = None) -> RunConfig:
         """The run config of an Optuna trial (or ``optuna.trial.FixedTrial``).
 
-        ``tasks`` (``tasks_key`` -> category names) pins ``dataset.tasks`` to the concrete list the
+        ``tasks`` (``cvad.stream.section_key`` -> category names) pins ``dataset.tasks`` to the concrete list the
         sweep resolved at its start, so that ``all`` means the same categories in every trial.
         """
         config = copy.deepcopy(self.fixed)
@@ -240,7 +219,7 @@ class SweepSpec:
         run = validate_config(config)
         if tasks is None:
             return run
-        pinned = tasks.get(tasks_key(run.dataset))
+        pinned = tasks.get(section_key(run.dataset))
         if pinned is None:
             raise ConfigError(
                 f"dataset {describe_dataset(run.dataset)} was not checked when the sweep started "
@@ -295,17 +274,11 @@ class SweepSpec:
         return raw
 
 
-def metric_value(record: dict, metric: str) -> float | None:
-    section, key = RECORD_METRICS[metric]
-    value = record[section].get(key)
-    return None if value is None else float(value)
-
-
-def objective_values(spec: SweepSpec, record: dict) -> list[float]:
+def objective_values(spec: SweepSpec, record: TrialRecord) -> list[float]:
     """The trial's objective values; raises ValueError if one is undefined or not finite."""
     values = []
     for objective in spec.settings.objectives:
-        value = metric_value(record, objective.metric)
+        value = record.metric(objective.metric)
         if value is None or not math.isfinite(value):
             raise ValueError(
                 f"objective {objective.metric} is {value} for this trial"

@@ -19,7 +19,8 @@ from cvad import cache_root
 from cvad.backbones.weights import RandomWeightsWarning
 from cvad.config import validate_config
 from cvad.progress import Progress, StepDone
-from cvad.trial import RECORD_FILE, run_trial
+from cvad.record import RECORD_FILE, TrialRecord
+from cvad.trial import run_trial
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,15 @@ class StepReport:
     worker: str  # Ray node:pid
 
 
+@dataclass(frozen=True)
+class TrialOutput:
+    """What a worker returns for a trial: its record, its artifact files and the worker (Ray node:pid) that ran it."""
+
+    record: TrialRecord
+    artifacts: dict[str, bytes]  # relative path -> content; the fitted detector as ``detector.pt`` when kept
+    worker: str
+
+
 def ray_node() -> str:
     """The Ray node this process runs on (two nodes may share a host), or the host name outside Ray."""
     import ray
@@ -43,9 +53,10 @@ def ray_node() -> str:
     return os.uname().nodename
 
 
-def run_trial_for_sweep(config: dict, number: int, events: Any, threads: int, feature_cache: bool = True) -> dict:
-    """Run trial ``number``; return its record, its artifact files ``{relative path: bytes}`` and the
-    worker (Ray node:pid).
+def run_trial_for_sweep(
+    config: dict, number: int, events: Any, threads: int, feature_cache: bool = True
+) -> TrialOutput:
+    """Run trial ``number``; return its record, its artifact files and the worker that ran it.
 
     ``events`` is a queue (``ray.util.queue.Queue`` or anything with ``put``) that receives
     a :class:`StepReport` after each training step of the stream. With ``feature_cache``,
@@ -73,4 +84,4 @@ def run_trial_for_sweep(config: dict, number: int, events: Any, threads: int, fe
             p for p in sorted(Path(tmp).rglob("*")) if p.is_file() and p.name != RECORD_FILE
         )  # the record travels as itself
         artifacts = {p.relative_to(tmp).as_posix(): p.read_bytes() for p in files}
-    return {"record": record, "artifacts": artifacts, "worker": worker}
+    return TrialOutput(record, artifacts, worker)

@@ -1,7 +1,7 @@
 """Shared training glue for the methods that learn weights (STFPM, PaSTe, SimpleNet, CFA, Dinomaly).
 
-Each trained method's ``Params`` extends :class:`TrainingParams` and sets its own defaults:
-the defaults are small CPU-friendly schedules for the built-in data; ``PAPER_TRAINING`` on
+Each trained method's ``Params`` extends :class:`~cvad.methods.base.TrainingParams` and sets its own
+defaults: the defaults are small CPU-friendly schedules for the built-in data; ``PAPER_TRAINING`` on
 each method holds the original paper's schedule for real data (used by the paper preset).
 The training batch size is ``dataset.batch_size``.
 
@@ -16,46 +16,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 
-from cvad.models.base import AnomalyModel, MethodParams, Task
+from cvad.methods.base import TrainingParams
+from cvad.models.base import AnomalyModel, Task
 from cvad.progress import TrainPass
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; training stops rather than storing a broken model."""
-
-
-class TrainingParams(MethodParams):
-    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="optimiser of the trained parts")
-    lr: float = Field(1e-3, gt=0, description="learning rate")
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (sgd only)")
-    steps: int | None = Field(
-        40, ge=1, description="optimizer updates per task a step trains on (a joint step over T tasks: T x steps)"
-    )
-    epochs: int | None = Field(None, ge=1, description="instead of steps: passes over each step's images (plus replay)")
-    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value; null: no clipping")
-
-    @model_validator(mode="before")
-    @classmethod
-    def epochs_replace_steps(cls, data: object) -> object:
-        """Giving ``epochs`` alone asks for an epoch budget: the default ``steps`` steps aside."""
-        if isinstance(data, dict) and data.get("epochs") is not None and "steps" not in data:
-            return {**data, "steps": None}
-        return data
-
-    @model_validator(mode="after")
-    def one_budget(self) -> TrainingParams:
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError(
-                "give one training budget: steps (updates per task) or epochs (passes), "
-                f"got steps={self.steps}, epochs={self.epochs}"
-            )
-        return self
 
 
 def make_optimizer(params: TrainingParams, groups: Iterable[torch.nn.Parameter] | list[dict]) -> torch.optim.Optimizer:

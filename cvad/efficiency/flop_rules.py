@@ -1,12 +1,7 @@
-"""Efficiency accounting: GFLOPs of the whole inference path, stored bytes, latency.
+"""FLOP counting rules: the fvcore op handles that ``count_gflops`` (``cvad.efficiency.flops``) traces with.
 
-GFLOPs
-------
-``count_gflops`` traces ``model.forward`` on one image with fvcore's
-``FlopCountAnalysis``, which counts multiply-adds (MACs), and reports **GFLOPs = 2 x GMACs**,
-the paper's convention (its STFPM row, teacher + student through MobileNetV2's first
-stride-32 block, is 2 x 2 x 0.2255 G multiply-adds = 0.90 GFLOPs); the raw GMACs are kept
-beside it. The rules below are in multiply-adds (an elementwise op or a comparison counts
+They are most of the FLOP counting code, so they live apart from the tracing, with the rules they
+implement. The rules below are in multiply-adds (an elementwise op or a comparison counts
 as one, like a multiply-add). fvcore only knows convolutions, linear layers, matmuls, einsum, norms and
 a few resamplers; everything else would silently count as zero, which hides exactly the
 cost that differs between anomaly detectors (k-NN distances, Mahalanobis products,
@@ -57,95 +52,27 @@ is counted, with these rules:
   selections by a mask already computed (``where``, ``masked_fill``), tensor creation,
   and dropout (the identity at inference).
 
-Any other op is left uncounted and returned in ``FlopReport.uncounted_ops`` (fvcore's
-warnings about it are silenced), so callers can tell a complete count from a partial
-one. The count is that of the path the traced image took through ``forward``.
-
 With these rules the reference backbones at 224 px keep their published cost: the
 elementwise work adds 0.3-4.5 % to the multiply-adds of their conv and linear layers
 (MobileNetV2 0.314 GMACs against 0.301 G, DeiT-Tiny 1.266 with attention, ResNet-18 1.821).
-
-Memory
-------
-``memory_footprint`` adds ``numel * element_size`` of the real tensors a model stores,
-in MB = 2^20 bytes (the paper's unit: its replay-100 and replay-40 rows differ by
-60 x 150,528 B / 2^20 = 8.61 MB); the byte counts are kept. Storage is counted once: a
-tensor listed in two parts (a teacher's layers shared with the student) counts in the
-first part only, and views count the storage bytes they actually cover, once.
-
-Latency
--------
-``measure_latency``: wall time of the whole ``forward`` on one image, under
-``torch.inference_mode``, after warm-up: the median of repeated runs and their spread (the
-interquartile range). A spread above ``NOISY_SPREAD`` of the median says the machine was busy
-while measuring: the figure is flagged as noisy, not kept silently as a fact.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
-
-import numpy as np
-import torch
-from torch import nn
 
 # torch announces torch.jit's deprecation on every use; fvcore's tracing still works and is what we count with.
 _JIT_DEPRECATION = r".*torch\.jit\..* is deprecated"
 
 with warnings.catch_warnings():  # fvcore scripts a loss function at import
     warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=FutureWarning)
-    from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
-
-BYTES_PER_MB = 2**20  # MiB, the paper's MB
-NOISY_SPREAD = 0.25  # interquartile range / median above which a latency measurement is flagged
-FLOPS_PER_MAC = 2  # the paper's convention
-_PROBE_SEED = 0
 
 # A handle maps a traced op's (inputs, outputs), lists of torch._C.Value, to its FLOPs.
 Handle = Callable[[list[Any], list[Any]], float]
-
-
-@dataclass
-class FlopReport:
-    """Per-image cost of ``forward``: GMACs counted, GFLOPs = 2 x GMACs."""
-
-    gmacs: float
-    by_operator: dict[str, float]  # GMACs per op, fvcore's names ("conv", "cdist", "add", ...)
-    uncounted_ops: list[str]  # ops met in the trace that have no handle and are not free
-
-    @property
-    def gflops(self) -> float:
-        return FLOPS_PER_MAC * self.gmacs
-
-
-@dataclass
-class MemoryReport:
-    """Bytes a deployed model stores, each storage counted once; MB = 2^20 bytes."""
-
-    bytes_by_part: dict[str, int]
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes_by_part.values())
-
-    @property
-    def total_mb(self) -> float:
-        return self.total_bytes / BYTES_PER_MB
-
-    @property
-    def breakdown_mb(self) -> dict[str, float]:
-        return {part: count / BYTES_PER_MB for part, count in self.bytes_by_part.items()}
-
-
-# --------------------------------------------------------------------------- handles
 
 
 def _numel(value: Any) -> int:
@@ -464,187 +391,3 @@ _FREE_OPS = {
         "dropout", "dropout_", "feature_dropout", "alpha_dropout",
     ]
 }  # fmt: skip
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode, then give every submodule back its own training flag."""
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags.items():
-            module.training = training
-
-
-def _check_model_device(model: nn.Module, device: torch.device) -> None:
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.device.type != device.type or (device.index is not None and tensor.device != device):
-            raise ValueError(
-                f"model tensor {name!r} is on {tensor.device}, but device={device}; "
-                f"move the model first with model.to({str(device)!r})"
-            )
-
-
-def _probe_image(image_size: int, channels: int, device: torch.device) -> torch.Tensor:
-    """One seeded float image in [0, 1], shape [1, C, S, S]."""
-    if image_size < 1 or channels < 1:
-        raise ValueError(f"image_size and channels must be positive, got {image_size} and {channels}")
-    generator = torch.Generator().manual_seed(_PROBE_SEED)
-    return torch.rand((1, channels, image_size, image_size), generator=generator).to(device)
-
-
-def count_gflops(
-    model: nn.Module, image_size: int, *, channels: int = 3, device: str | torch.device = "cpu"
-) -> FlopReport:
-    """GFLOPs of ``model.forward`` for one image of ``image_size`` px (see the module docstring)."""
-    device = torch.device(device)
-    _check_model_device(model, device)
-    image = _probe_image(image_size, channels, device)
-    with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=FutureWarning)
-        analysis = FlopCountAnalysis(model, (image,))
-        analysis.set_op_handle(**_HANDLES)
-        analysis.set_op_handle(**dict.fromkeys(_FREE_OPS))
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("no_tracer_warning")
-        by_operator = {op: macs / 1e9 for op, macs in analysis.by_operator().items() if macs > 0}
-        uncounted = sorted(analysis.unsupported_ops())
-    return FlopReport(gmacs=sum(by_operator.values()), by_operator=by_operator, uncounted_ops=uncounted)
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def _element_runs(tensor: torch.Tensor) -> tuple[np.ndarray, int]:
-    """Start offsets (in elements, within the storage) of the contiguous runs a tensor covers, and the run length."""
-    dims = sorted(
-        ((size, stride) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1 and stride != 0),
-        key=lambda dim: dim[1],
-    )
-    run = 1
-    while dims and dims[0][1] == run:  # innermost dims laid out back to back form one run
-        run *= dims.pop(0)[0]
-    starts = np.array([tensor.storage_offset()], dtype=np.int64)
-    for size, stride in dims:
-        starts = (starts[:, None] + np.arange(size, dtype=np.int64) * stride).ravel()
-    return starts, run
-
-
-def _merge(intervals: np.ndarray) -> np.ndarray:
-    """Union of half-open [start, end) intervals, as sorted disjoint intervals."""
-    intervals = intervals[np.argsort(intervals[:, 0], kind="stable")]
-    reach = np.maximum.accumulate(intervals[:, 1])
-    opens = np.ones(len(intervals), dtype=bool)
-    opens[1:] = intervals[1:, 0] > reach[:-1]
-    first = np.flatnonzero(opens)
-    return np.stack([intervals[first, 0], np.maximum.reduceat(intervals[:, 1], first)], axis=1)
-
-
-def _covered_bytes(intervals: np.ndarray) -> int:
-    return int((intervals[:, 1] - intervals[:, 0]).sum())
-
-
-def memory_footprint(parts: dict[str, list[torch.Tensor]]) -> MemoryReport:
-    """Bytes of the tensors in ``parts``, every storage byte counted once, first part wins."""
-    if not isinstance(parts, dict):
-        raise TypeError(f"memory_footprint expects a dict of part name -> list of tensors, got {type(parts).__name__}")
-    covered: dict[tuple[str, int | None, int], np.ndarray] = {}  # storage -> byte intervals counted so far
-    bytes_by_part: dict[str, int] = {}
-    for part, tensors in parts.items():
-        if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
-            raise TypeError(
-                f"part {part!r} must be a list of tensors, got {type(tensors).__name__}; wrap it as [tensor]"
-            )
-        new_bytes = 0
-        for index, tensor in enumerate(tensors):
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"part {part!r}, item {index}: expected a tensor, got {type(tensor).__name__}")
-            if tensor.layout != torch.strided:
-                raise TypeError(
-                    f"part {part!r}, item {index}: only dense tensors are counted, got layout {tensor.layout}"
-                )
-            if tensor.device.type == "meta":
-                raise ValueError(
-                    f"part {part!r}, item {index}: a meta tensor has no data to count; pass the real tensor"
-                )
-            if tensor.numel() == 0:
-                continue
-            size = tensor.element_size()
-            starts, run = _element_runs(tensor)
-            intervals = np.stack([starts * size, (starts + run) * size], axis=1)
-            key = (tensor.device.type, tensor.device.index, tensor.untyped_storage().data_ptr())
-            before = covered.get(key)
-            merged = _merge(intervals if before is None else np.concatenate([before, intervals]))
-            new_bytes += _covered_bytes(merged) - (0 if before is None else _covered_bytes(before))
-            covered[key] = merged
-        bytes_by_part[part] = new_bytes
-    return MemoryReport(bytes_by_part=bytes_by_part)
-
-
-# --------------------------------------------------------------------------- latency
-
-
-@dataclass
-class LatencyReport:
-    """Milliseconds of one whole ``forward`` at batch 1: the median of ``runs`` timed runs and their spread."""
-
-    median_ms: float
-    iqr_ms: float  # interquartile range of the timed runs
-    runs: int
-
-    @property
-    def noisy(self) -> bool:
-        return self.iqr_ms > NOISY_SPREAD * self.median_ms
-
-    def as_record(self) -> dict:
-        return {
-            "latency_ms": self.median_ms,
-            "latency_iqr_ms": self.iqr_ms,
-            "latency_runs": self.runs,
-            "latency_noisy": self.noisy,
-        }
-
-
-def measure_latency(
-    model: nn.Module,
-    image_size: int,
-    *,
-    warmup: int = 3,
-    repeats: int = 20,
-    device: str | torch.device = "cpu",
-    channels: int = 3,
-) -> LatencyReport:
-    """Latency of one whole ``forward`` at batch 1: ``warmup`` untimed runs, then ``repeats`` timed ones."""
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
-    device = torch.device(device)
-    _check_model_device(model, device)
-    image = _probe_image(image_size, channels, device)
-
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    with _eval_mode(model), torch.inference_mode():
-        return time_calls(lambda: model(image), warmup=warmup, repeats=repeats, synchronize=synchronize)
-
-
-def time_calls(
-    call: Callable[[], Any], *, warmup: int = 3, repeats: int = 20, synchronize: Callable[[], None] = lambda: None
-) -> LatencyReport:
-    """Median and spread of ``repeats`` timed calls after ``warmup`` untimed ones (any runtime: torch, ONNX Runtime)."""
-    for _ in range(warmup):
-        call()
-    timings = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        call()
-        synchronize()
-        timings.append((time.perf_counter() - start) * 1e3)
-    if len(timings) > 1:
-        first, _, third = statistics.quantiles(timings, n=4)
-    else:
-        first = third = timings[0]
-    return LatencyReport(median_ms=statistics.median(timings), iqr_ms=third - first, runs=len(timings))

@@ -123,6 +123,7 @@ for _entry in (
     BackboneEntry("vit_small_patch14_reg4_dinov2", "DINOv2 ViT-S", True, vit(12, 384, 14)),
 ):  # fmt: skip
     BACKBONES.register(_entry.name)(_entry)
+del _entry
 
 
 def method_title(name: str) -> str:

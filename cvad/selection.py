@@ -80,7 +80,7 @@ def streams(trials: pd.DataFrame) -> list[TaskStream]:
     """The task streams of the trials, most trials first and those without a task list last: stream N of
     ``cvad recommend --stream N``."""
     counts = trials["stream"].value_counts(sort=False)
-    return sorted(counts.index, key=lambda s: (s.tasks is None, -counts[s], s.dataset, s.root or "", s.tasks or ()))
+    return sorted(counts.index, key=lambda s: (s.tasks is None, -counts[s], s.dataset, s.folder or "", s.tasks or ()))
 
 
 def of_stream(trials: pd.DataFrame, stream: TaskStream) -> pd.DataFrame:
@@ -153,10 +153,10 @@ def complete_streams(table: pd.DataFrame) -> pd.Series:
     known = table[table["stream"].map(lambda s: s.tasks is not None)]
     lists: dict[tuple, set[TaskStream]] = {}
     for sweep, stream in zip(known["sweep"], known["stream"]):
-        lists.setdefault((sweep, stream.dataset, stream.identity[1]), set()).add(stream)
+        lists.setdefault((sweep, stream.dataset, stream.folder), set()).add(stream)
 
     def complete(sweep: str, stream: TaskStream) -> TaskStream:
-        candidates = lists.get((sweep, stream.dataset, stream.identity[1]), set())
+        candidates = lists.get((sweep, stream.dataset, stream.folder), set())
         return next(iter(candidates)) if stream.tasks is None and len(candidates) == 1 else stream
 
     return pd.Series([complete(w, s) for w, s in zip(table["sweep"], table["stream"])], index=table.index)
@@ -295,6 +295,24 @@ def recommend(trials: pd.DataFrame, metric: str = DEFAULT_METRIC, budget: Budget
     picks = front.sort_values([metric, "memory_mb", "gflops", "trial"], ascending=[False, True, True, True]).copy()
     picks["why"] = reasons(picks, metric)
     return Recommendation(metric, budget, picks.reset_index(drop=True), excluded, stream)
+
+
+def chosen_streams(trials: pd.DataFrame, stream: int | None = None) -> list[tuple[int, TaskStream]]:
+    """Every task stream of the trials, or stream number ``stream`` only, numbered as ``streams`` lists them."""
+    found = streams(trials)
+    if stream is not None and not 1 <= stream <= len(found):
+        listed = "; ".join(f"{n}. {s.describe()}" for n, s in enumerate(found, 1))
+        raise SelectionError(
+            f"--stream {stream}: these trials ran on {len(found)} task stream(s), choose one of: {listed}"
+        )
+    return list(enumerate(found, 1)) if stream is None else [(stream, found[stream - 1])]
+
+
+def recommend_streams(
+    trials: pd.DataFrame, chosen: list[tuple[int, TaskStream]], metric: str, budget: Budget
+) -> list[tuple[int, Recommendation]]:
+    """A recommendation for each chosen task stream, ranked on its own."""
+    return [(n, recommend(of_stream(trials, s), metric, budget)) for n, s in chosen]
 
 
 def reasons(picks: pd.DataFrame, metric: str) -> list[str]:

@@ -42,8 +42,13 @@ class TaskStream:
 
     # -- identity ------------------------------------------------------------------------------
     @property
+    def folder(self) -> str | None:
+        """The root where it names the dataset (a folder dataset); a benchmark's root is only where it lies."""
+        return self.root if self.dataset == "folder" else None
+
+    @property
     def identity(self) -> tuple:
-        return (self.dataset, self.root if self.dataset == "folder" else None, self.tasks)
+        return (self.dataset, self.folder, self.tasks)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TaskStream) and self.identity == other.identity
@@ -59,16 +64,15 @@ class TaskStream:
 
     def describe(self, names: int = 3) -> str:
         """'folder /data/parts: 16 tasks (bolt, gear, nut, ...)'."""
-        shown_root = self.root if self.dataset == "folder" else None
-        where = f"{self.dataset} {shown_root}" if shown_root else self.dataset or "dataset not recorded"
+        where = f"{self.dataset} {self.folder}" if self.folder else self.dataset or "dataset not recorded"
         if self.tasks is None:
             return f"{where}: tasks not recorded"
         shown = ", ".join(self.tasks[:names]) + (", ..." if len(self.tasks) > names else "")
         return f"{where}: {len(self.tasks)} task{'s' if len(self.tasks) != 1 else ''} ({shown})"
 
     def as_record(self) -> dict[str, Any]:
-        root = self.root if self.dataset == "folder" else None
-        return {"dataset": self.dataset, "root": root, "tasks": None if self.tasks is None else list(self.tasks)}
+        tasks = None if self.tasks is None else list(self.tasks)
+        return {"dataset": self.dataset, "root": self.folder, "tasks": tasks}
 
     def profile(self) -> str:
         """What MLflow keeps as the dataset input's profile: the tasks and the image count."""

@@ -421,7 +421,7 @@ def test_configurations_over_budget_are_pruned_before_training(tmp_path, cache):
     assert (outcome.completed, outcome.failed, outcome.pruned) == (1, 0, 1)
     (pruned,) = study_of(tmp_path, "budget").get_trials(states=(TrialState.PRUNED,))
     assert pruned.params == {"model.params.n_features": 64}
-    assert f"{large:.3g} MB > max_mb" in pruned.user_attrs["pruned"] and pruned.user_attrs["constraints"][0] > 0
+    assert f"{large:.3g} MB > max_mb" in pruned.user_attrs["pruned"] and pruned.constraints["max_mb"] > 0
     assert any("pruned before training" in line for line in lines) and any("1 pruned" in line for line in lines)
     _, runs = mlflow_runs(tmp_path, "budget")
     (run,) = [r for r in runs if "cvad.pruned" in r.data.tags]

@@ -58,24 +58,26 @@ def recommend(
 
     Example: cvad recommend --max-mb 20 --max-gflops 1 --tasks 30
     """
-    from cvad.selection import Budget, SelectionError, load_trials, of_stream, project_to_tasks, streams
-    from cvad.selection import recommend as select
+    from cvad.selection import (
+        Budget,
+        SelectionError,
+        chosen_streams,
+        load_trials,
+        of_stream,
+        project_to_tasks,
+        recommend_streams,
+    )  # fmt: skip
     from cvad.tracking import TrackingError
 
     uri = resolve_tracking_uri(tracking_uri, store)
     try:
         trials = load_trials(uri, experiment or None)
-        found = streams(trials)
-        if stream is not None and stream > len(found):
-            listed = "; ".join(f"{n}. {s.describe()}" for n, s in enumerate(found, 1))
-            fail(f"--stream {stream}: these trials ran on {len(found)} task stream(s), choose one of: {listed}")
-        chosen = list(enumerate(found, 1)) if stream is None else [(stream, found[stream - 1])]
+        chosen = chosen_streams(trials, stream)  # before any pricing: a wrong --stream is refused at once
         if tasks is not None:
             trials = project_to_tasks(trials, tasks)
             for _, row in trials[trials["projection_error"].notna()].iterrows():
                 typer.echo(f"{row['sweep']} trial {row['trial']} kept as measured: {row['projection_error']}", err=True)
-        budget = Budget(max_mb, max_gflops, min_image_f1)
-        recs = [(n, select(of_stream(trials, s), metric, budget)) for n, s in chosen]
+        recs = recommend_streams(trials, chosen, metric, Budget(max_mb, max_gflops, min_image_f1))
     except (SelectionError, TrackingError) as exc:
         fail(str(exc))
     projected = f" (MB and GFLOPs projected to {tasks} tasks)" if tasks is not None else ""

@@ -97,16 +97,16 @@ def run(
 
     Example: cvad run configs/quickstart.yaml --set strategy.name=replay strategy.replay_size=40
     """
-    from cvad.backbones.weights import RandomWeightsWarning
-    from cvad.config import load_config
-    from cvad.files import write_atomic
-    from cvad.record import RECORD_FILE, RecordWriteError
-    from cvad.trial import run_trial  # heavy imports only when running
+    from cvad.config import ConfigError, load_config
 
     try:
         cfg = load_config(config, overrides)
-    except user_errors() as exc:
+    except ConfigError as exc:  # refused before torch is imported (tests/test_cli_startup.py)
         fail(str(exc))
+    from cvad.backbones.weights import RandomWeightsWarning
+    from cvad.files import write_atomic
+    from cvad.record import RECORD_FILE, RecordWriteError
+    from cvad.trial import run_trial  # heavy imports only when running
     out = out or DEFAULT_STORE / f"{config.stem}-{datetime.now():%Y%m%d-%H%M%S}"
     replacing = prepare_output(out, overwrite)
     config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)

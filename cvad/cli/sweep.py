@@ -43,11 +43,12 @@ def sweep(
 
     Example: cvad sweep sweeps/edge.yaml --set dataset.name=mvtec dataset.root=/data/mvtec
     """
+    from cvad.config import ConfigError
     from cvad.sweep.spec import load_sweep
 
     try:
         spec = load_sweep(file, overrides)
-    except user_errors() as exc:
+    except ConfigError as exc:  # refused before torch is imported
         fail(str(exc))
     if dry_run:
         print_sweep_plan(spec, n_trials)

@@ -34,7 +34,7 @@ from cvad.stream import TaskStream, section_key
 from cvad.sweep.detectors import DetectorKeeper
 from cvad.sweep.executor import RayExecutor, error_text
 from cvad.sweep.spec import SweepSpec, describe_dataset, objective_values
-from cvad.sweep.study import Ending, SweepError, SweepStudy, TrialAttrs, params_key
+from cvad.sweep.study import Ending, SweepError, SweepStudy, TrialAttrs, params_key, set_constraints
 from cvad.tracking import Tag, TrackingStore, resolve_tracking_uri, trial_tags
 
 if TYPE_CHECKING:
@@ -260,9 +260,7 @@ class SweepRunner:
         if other is None:
             return False
         TrialAttrs().write(trial, duplicate_of=other.number)
-        constraints = TrialAttrs.of(other).constraints
-        if constraints is not None:
-            TrialAttrs().write(trial, constraints=constraints)
+        set_constraints(trial, other.constraints)
         self.study.study.tell(trial, other.values)
         return True
 
@@ -291,7 +289,8 @@ class SweepRunner:
             self.store.log_stream(run_id, stream)
         if over_budget:
             price = self.prices[params_key(config.to_dict())]
-            attrs.write(trial, pruned=over_budget, constraints=self.spec.settings.constraints.values(price))
+            attrs.write(trial, pruned=over_budget)
+            set_constraints(trial, self.spec.settings.constraints.values(price))
             self.study.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             self.store.log_metrics(run_id, {k: price[k] for k in ("memory_mb", "memory_bytes", "gflops", "gmacs")})
             self.store.end_trial(run_id, "FINISHED")

@@ -77,9 +77,9 @@ class Constraints(StrictModel):
         budgets = [("max_mb", "memory_mb", "MB", self.max_mb), ("max_gflops", "gflops", "GFLOPs", self.max_gflops)]
         return [budget for budget in budgets if budget[-1] is not None]
 
-    def values(self, eff: dict) -> list[float]:
-        """Optuna's constraint values (<= 0 feasible) of an efficiency record (a trial's, or a price)."""
-        return [eff[field] - limit for _, field, _, limit in self.limits()]
+    def values(self, eff: dict) -> dict[str, float]:
+        """Optuna's constraint values (<= 0 feasible) by budget name, of an efficiency record (a trial's or a price)."""
+        return {name: eff[field] - limit for name, field, _, limit in self.limits()}
 
     def violations(self, eff: dict) -> list[str]:
         """The budgets an efficiency record breaks, in words ("25.3 MB > max_mb 20"); empty when it fits."""

@@ -58,7 +58,6 @@ class TrialAttrs:
     label: str | None = None  # the configuration's name (cvad.catalog.config_name)
     error: str | None = None  # the root error of a failed trial
     pruned: str | None = None  # why it was priced over budget
-    constraints: tuple[float, ...] | None = None  # Optuna's constraint values (<= 0 feasible)
     duplicate_of: int | None = None  # the trial whose configuration it repeats
     interrupted: bool = False
 
@@ -66,8 +65,6 @@ class TrialAttrs:
     def of(cls, trial: FrozenTrial | optuna.Trial) -> TrialAttrs:
         attrs = trial.user_attrs
         values: dict[str, Any] = {f.name: attrs.get(ATTR_NAMES[f.name]) for f in fields(cls)}
-        if values["constraints"] is not None:
-            values["constraints"] = tuple(values["constraints"])
         state = getattr(trial, "state", None)
         # Studies of earlier versions marked a trial a dead driver left as FAIL without an error.
         values["interrupted"] = bool(values["interrupted"]) or (state == TrialState.FAIL and values["error"] is None)
@@ -76,7 +73,7 @@ class TrialAttrs:
     def write(self, trial: optuna.Trial, **changes: Any) -> TrialAttrs:
         """Set ``changes`` on the trial; returns the attributes with them."""
         for name, value in changes.items():
-            trial.set_user_attr(ATTR_NAMES[name], list(value) if name == "constraints" else value)
+            trial.set_user_attr(ATTR_NAMES[name], value)
         return replace(self, **changes)
 
 
@@ -99,23 +96,26 @@ def params_key(params: dict) -> str:
 
 
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    """The spec's sampler; budgets reach it as each trial's Optuna constraints (``set_constraints``)."""
     settings = spec.settings
-    constraints = None
-    if settings.constraints.active:
-
-        def constraints(trial: FrozenTrial) -> list[float]:
-            return list(TrialAttrs.of(trial).constraints or ())
-
     name, seed = settings.sampler.name, settings.sampler.seed
     if name == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=settings.sampler.startup_trials, constraints_func=constraints
-        )
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.sampler.startup_trials)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(
-            seed=seed, population_size=settings.sampler.population_size, constraints_func=constraints
-        )
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=settings.sampler.population_size)
     return optuna.samplers.RandomSampler(seed=seed)  # grid: every trial is enqueued, the sampler only breaks ties
+
+
+def set_constraints(trial: optuna.Trial, values: dict[str, float]) -> None:
+    """The trial's budgets as Optuna constraints (<= 0 feasible): samplers and ``best_trials`` honour them."""
+    for name, value in values.items():
+        trial.set_constraint(name, value)
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    """Within every budget; studies of earlier versions kept the constraint values as a user attribute."""
+    legacy = trial.user_attrs.get("constraints") or []
+    return all(c <= 0 for c in (*trial.constraints.values(), *legacy))
 
 
 class SweepStudy:
@@ -199,7 +199,7 @@ class SweepStudy:
         """A trial finished: Optuna gets its record's objective values (and its constraint values)."""
         constraints = self.spec.settings.constraints
         if constraints.active:
-            TrialAttrs.of(trial).write(trial, constraints=constraints.values(record.efficiency))
+            set_constraints(trial, constraints.values(record.efficiency))
         self.study.tell(trial, objective_values(self.spec, record))
 
     def tell_failure(self, trial: optuna.Trial, error: str) -> None:
@@ -265,11 +265,7 @@ class SweepStudy:
         complete = self.trials(TrialState.COMPLETE)
         if not complete:
             return []
-        front = [
-            t
-            for t in self.study.best_trials
-            if ending_of(t) == Ending.COMPLETE and all(c <= 0 for c in TrialAttrs.of(t).constraints or ())
-        ]
+        front = [t for t in self.study.best_trials if ending_of(t) == Ending.COMPLETE and feasible(t)]
         first_up = self.spec.directions[0] == "maximize"
         return sorted(front, key=lambda t: (-t.values[0] if first_up else t.values[0], t.number))
 

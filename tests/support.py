@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader
 from cvad.data.builtin import BuiltinOptions, render_image
 from cvad.models import AnomalyModel, Setup, build_model
 from cvad.models.base import ImageBatches, Task
+from cvad.record import TrialRecord
+from cvad.tracking import TrackingStore, trial_tags
 
 SIZE = 64  # px: small enough for every method on 2 cores, large enough for stride-16 taps
 CNN = "mobilenetv2_100"  # real ImageNet weights install offline
@@ -162,6 +164,36 @@ def run_sweep(raw: dict, store: Path, **options) -> object:
 
 
 # -- processes started by a test -------------------------------------------------------------
+
+
+def log_trial(
+    store: TrackingStore,
+    experiment: str,
+    parent: str,
+    number: int,
+    config: dict,
+    efficiency: dict | None = None,
+    tasks: list[str] | None = None,
+    final: dict | None = None,
+    pretrained: bool = True,
+    sweep: str = "s",
+    **tags: str,
+) -> str:
+    """A trial logged through the tracking store as a sweep logs it, without a model: its step metrics
+    (``final`` at the last step) and, with ``efficiency``, a record; without, none (a pruned trial). ``config``
+    is a run config mapping (every section a tag names: dataset, model, backbone, strategy)."""
+    run = store.start_trial(experiment, parent, f"t{number}", config, trial_tags(config, sweep, number) | tags)
+    if tasks is not None:
+        store.log_metrics(run, final or {}, step=len(tasks) - 1)
+    if efficiency is not None:
+        wall = {"train": 1.0, "eval": 1.0, "total": 2.0}
+        record = TrialRecord(
+            config, list(tasks), {}, final or {}, {"latency_ms": None} | efficiency, {"pretrained": pretrained},
+            (), wall, seed=0, cvad_version="test",
+        )  # fmt: skip
+        store.log_result(run, record, {})
+    store.end_trial(run, "FINISHED")
+    return run
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from cvad.data import builtin, synthetic
+from cvad.data import builtin, defects, synthetic
 from cvad.data.base import DatasetError, ImageDataset
 from cvad.data.builtin import (
     BUILTIN_CATEGORIES,
@@ -22,6 +22,7 @@ from cvad.data.builtin import (
     BuiltinOptions,
     render_image,
 )
+from support import require
 
 SMALL = dict(resolution=64, test_good_per_category=2)
 TEXTURE_AND_OBJECT = ("brick", "capsule")  # one of each kind keeps the tests fast
@@ -107,8 +108,8 @@ def test_apply_defect_leaves_outside_pixels_bit_identical() -> None:
     rng = np.random.default_rng(3)
     image = rng.random((48, 48, 3), dtype=np.float32)
     alpha = synthetic.blob_alpha(rng, 48, np.array([24.0, 20.0], dtype=np.float32), 9.0)
-    paint = synthetic.DefectPaint(np.zeros_like(image), alpha)
-    result, mask = synthetic.apply_defect(image, paint, contrast=0.5)
+    paint = defects.DefectPaint(np.zeros_like(image), alpha)
+    result, mask = defects.apply_defect(image, paint, contrast=0.5)
     assert mask.sum() > 100
     assert np.array_equal(result[~mask], image[~mask])
     assert (np.abs(result - image).max(axis=2)[mask] > 0).all()
@@ -133,12 +134,12 @@ def test_object_defects_stay_on_the_object_or_its_outline(category: str) -> None
     rng = np.random.default_rng(0)
     drawing = BUILTIN_CATEGORIES[category].draw(rng, 96)
     cover = drawing.scene.cover
-    for draw in (synthetic.draw_scratch, synthetic.draw_crack, synthetic.draw_hole, synthetic.draw_stain):
-        _, mask = synthetic.apply_defect(drawing.image, draw(rng, drawing.image, drawing.surface, 1.0), 1.0)
+    for draw in (defects.draw_scratch, defects.draw_crack, defects.draw_hole, defects.draw_stain):
+        _, mask = defects.apply_defect(drawing.image, draw(rng, drawing.image, drawing.surface, 1.0), 1.0)
         assert mask.any() and (cover[mask] >= synthetic.MASK_THRESHOLD).all(), draw.__name__
-    _, missing = synthetic.apply_defect(drawing.image, synthetic.draw_missing_part(rng, drawing.scene, 1.0), 1.0)
+    _, missing = defects.apply_defect(drawing.image, defects.draw_missing_part(rng, drawing.scene, 1.0), 1.0)
     assert missing.any() and (cover[missing] >= synthetic.MASK_THRESHOLD).all()
-    _, extra = synthetic.apply_defect(drawing.image, synthetic.draw_extra_part(rng, drawing.scene, 1.0), 1.0)
+    _, extra = defects.apply_defect(drawing.image, defects.draw_extra_part(rng, drawing.scene, 1.0), 1.0)
     assert extra.any() and (cover[extra] <= 1 - synthetic.MASK_THRESHOLD).all()
     touching = extra & (np.roll(cover, 1, 0) + np.roll(cover, -1, 0) + np.roll(cover, 1, 1) + np.roll(cover, -1, 1) > 0)
     assert touching.any(), "an extra part must be attached to the object"
@@ -350,8 +351,9 @@ GIMP_CATEGORIES = [name for name, spec in BUILTIN_CATEGORIES.items() if spec.pac
 
 @pytest.mark.parametrize("category", GIMP_CATEGORIES)
 def test_gimp_texture_categories_generate(tmp_path: Path, category: str) -> None:
-    if not builtin.GIMP_PATTERN_DIR.is_dir():
-        pytest.skip(f"Debian package gimp-data is not installed ({builtin.GIMP_PATTERN_DIR} missing)")
+    require(
+        builtin.GIMP_PATTERN_DIR.is_dir(), f"Debian package gimp-data is not installed ({builtin.GIMP_PATTERN_DIR})"
+    )
     options = BuiltinOptions(**SMALL, categories=(category,), train_per_category=2, test_defects_per_category=4)
     split = BuiltinDataset(options, tmp_path).load(category)
     assert len(split.train) == 2 and sum(s.label for s in split.test) == 4

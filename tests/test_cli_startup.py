@@ -84,8 +84,8 @@ def test_config_validation_refuses_without_torch_or_the_models():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """An MLflow store with two finished trials logged the way a sweep logs them (no model is built)."""
-    from cvad.record import TrialRecord
-    from cvad.tracking import TrackingStore, trial_tags
+    from cvad.tracking import TrackingStore
+    from support import log_trial
 
     root = tmp_path_factory.mktemp("startup-store")
     tracker = TrackingStore(f"sqlite:///{root / 'mlflow.db'}")
@@ -98,19 +98,9 @@ def store(tmp_path_factory) -> Path:
             "backbone": {"name": "mobilenetv2_100"},
             "strategy": {"name": "finetune"},
         }
-        run = tracker.start_trial(experiment, parent, f"t{trial}", config, trial_tags(config, "startup", trial))
-        record = {
-            "schema": 2, "config": config, "tasks": ["a", "b"], "matrices": {}, "weights": {"pretrained": True},
-            "final": {"pixel_f1": pixel_f1, "forgetting_pixel_f1": 0.1, "forgetting_image_f1": 0.0},
-            "efficiency": {
-                "memory_mb": mb, "memory_bytes": int(mb * 2**20), "gflops": 0.6, "gmacs": 0.3, "latency_ms": None,
-                "memory_breakdown_mb": {},
-            },
-            "wall_seconds": {"train": 1.0, "eval": 1.0, "total": 2.0},
-        }  # fmt: skip
-        tracker.log_metrics(run, {"pixel_f1": pixel_f1, "image_f1": 0.9}, step=1)
-        tracker.log_result(run, TrialRecord.from_dict(record), {})
-        tracker.end_trial(run, "FINISHED")
+        efficiency = {"memory_mb": mb, "memory_bytes": int(mb * 2**20), "gflops": 0.6, "gmacs": 0.3}
+        final = {"pixel_f1": pixel_f1, "image_f1": 0.9, "forgetting_pixel_f1": 0.1, "forgetting_image_f1": 0.0}
+        log_trial(tracker, experiment, parent, trial, config, efficiency, ["a", "b"], final, sweep="startup")
     return root
 
 

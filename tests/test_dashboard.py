@@ -16,7 +16,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from cvad.selection import Budget, load_trials, of_stream, project_to_tasks, recommend, streams
-from support import run_sweep, tiny_sweep
+from support import log_trial, require, run_sweep, tiny_sweep
 
 pytestmark = pytest.mark.slow  # every test here reads a real sweep's store
 
@@ -25,11 +25,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
+def store(tmp_path_factory, builtin_cache) -> str:
     root = tmp_path_factory.mktemp("dashboard-store")
     raw = tiny_sweep(
         "dash",
-        root / "cache",
+        builtin_cache,
         space={
             "model": [
                 {"name": "padim", "params": {"n_features": 8, "continual": ["unimodal", "multimodal"]}},
@@ -175,7 +175,7 @@ def test_recommendation_says_how_to_deploy_each_pick(store, tmp_path, monkeypatc
 @pytest.fixture(scope="module")
 def two_streams(store, tmp_path_factory) -> str:
     """A copy of the sweep's store plus one trial of the same sweep on another task list (a resumed 'tasks: all')."""
-    from cvad.tracking import Tag, TrackingStore, trial_tags
+    from cvad.tracking import Tag, TrackingStore
 
     copy = tmp_path_factory.mktemp("two-streams") / "mlflow.db"
     shutil.copy(store.removeprefix("sqlite:///"), copy)
@@ -187,10 +187,9 @@ def two_streams(store, tmp_path_factory) -> str:
         "dataset": {"name": "builtin", "tasks": ["brick"]}, "model": {"name": "padim", "params": {}},
         "backbone": {"name": "mobilenetv2_100"}, "strategy": {"name": "finetune"},
     }  # fmt: skip
-    tags = trial_tags(config, "dash", 9) | {Tag.SCHEMA: "2"}
-    run = tracker.start_trial(experiment, parent, "one task", config, tags)
-    tracker.log_metrics(run, {"pixel_f1": 0.99, "image_f1": 0.99, "memory_mb": 0.01, "gflops": 0.01}, step=0)
-    tracker.end_trial(run, "FINISHED")  # would top any front, but it learned one task, not two
+    figures = {"pixel_f1": 0.99, "image_f1": 0.99, "memory_mb": 0.01, "gflops": 0.01}
+    # Would top any front, but it learned one task, not two.
+    log_trial(tracker, experiment, parent, 9, config, None, ["brick"], figures, sweep="dash", **{Tag.SCHEMA: "2"})
     return uri
 
 
@@ -231,8 +230,8 @@ def test_cli_recommend_json(store):
     assert answer["excluded"]["failed or unfinished"] == 0
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 def test_in_a_real_browser(store, tmp_path):
+    require(CHROMIUM is not None, "Debian's chromium is not installed")
     from playwright.sync_api import sync_playwright
 
     with socket.socket() as s:

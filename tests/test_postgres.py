@@ -19,14 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import Processes, alive_nodes, answers, free_port, tiny_sweep, wait_until
+from support import Processes, alive_nodes, answers, free_port, require, tiny_sweep, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[dev]')")
-if PG_BIN is None or not (PG_BIN / "initdb").exists():
-    pytest.skip("PostgreSQL is not installed (Debian package postgresql)", allow_module_level=True)
 USER = "cvad"
 
 
@@ -37,6 +35,9 @@ def as_postgres_user() -> list[str]:
 
 @pytest.fixture(scope="module")
 def postgres():
+    require(
+        PG_BIN is not None and (PG_BIN / "initdb").exists(), "PostgreSQL is not installed (Debian package postgresql)"
+    )
     # Not under pytest's tmp folder: that one is private to the user running the tests.
     root = Path(tempfile.mkdtemp(prefix="cvad-postgres-"))
     password = secrets.token_hex(12)

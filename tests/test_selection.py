@@ -8,7 +8,6 @@ import math
 import pandas as pd
 import pytest
 
-from cvad.record import TrialRecord
 from cvad.selection import (
     Budget,
     SelectionError,
@@ -22,6 +21,7 @@ from cvad.selection import (
 )  # fmt: skip
 from cvad.stream import TaskStream as Stream
 from cvad.tracking import TrackingStore, trial_tags
+from support import log_trial
 
 BRICK_GRASS = Stream("builtin", None, ("brick", "grass"))
 
@@ -163,29 +163,17 @@ def test_trials_of_two_streams_are_never_on_one_front_or_ranking():
     assert Stream("mvtec", None, tuple("abcd")).describe() == "mvtec: 4 tasks (a, b, c, ...)"
 
 
-def log_trial(
+def log_paste(
     tracker, parent: str, number: int, dataset: dict, tasks: list[str] | None, pixel_f1: float, mb: float, **tags
 ) -> None:
-    """A trial logged the way a sweep logs it, without a model: ``tasks`` None logs no record (a pruned trial)."""
-    store, experiment = tracker
+    """A PaSTe trial on ``dataset``: ``tasks`` None logs no record (a pruned trial)."""
     config = {
         "dataset": dataset, "model": {"name": "paste", "params": {}}, "backbone": {"name": "mobilenetv2_100"},
         "strategy": {"name": "finetune"},
     }  # fmt: skip
-    tags = trial_tags(config, "s", number) | tags
-    run = store.start_trial(experiment, parent, f"t{number}", config, tags)
-    if tasks is not None:
-        record = {
-            "schema": 2, "config": config, "tasks": tasks, "matrices": {}, "weights": {"pretrained": True}, "final": {},
-            "efficiency": {
-                "memory_mb": mb, "memory_bytes": int(mb * 2**20), "gflops": 0.6, "gmacs": 0.3, "latency_ms": None,
-                "memory_breakdown_mb": {},
-            },
-            "wall_seconds": {"train": 1.0, "eval": 1.0, "total": 2.0},
-        }  # fmt: skip
-        store.log_metrics(run, {"pixel_f1": pixel_f1, "image_f1": 0.9}, step=len(tasks) - 1)
-        store.log_result(run, TrialRecord.from_dict(record), {})
-    store.end_trial(run, "FINISHED")
+    efficiency = {"memory_mb": mb, "memory_bytes": int(mb * 2**20), "gflops": 0.6, "gmacs": 0.3}
+    final = {"pixel_f1": pixel_f1, "image_f1": 0.9}
+    log_trial(*tracker, parent, number, config, efficiency if tasks else None, tasks, final, **tags)
 
 
 @pytest.fixture(scope="module")
@@ -198,15 +186,15 @@ def streams_store(tmp_path_factory) -> str:
     store = TrackingStore(uri)
     tracker = (store, store.open_experiment("parts", artifact_root=root))
     parent = store.start_sweep(tracker[1], "parts", {}, {})
-    log_trial(tracker, parent, 0, folder, ["bolt", "gear"], 0.60, 10.0)  # tasks read back from result.json
-    log_trial(tracker, parent, 1, folder | {"tasks": ["bolt", "gear"]}, ["bolt", "gear"], 0.40, 20.0)  # from the params
-    log_trial(tracker, parent, 2, folder, ["bolt", "gear", "nut"], 0.30, 30.0)  # resumed after "nut" was added
-    log_trial(tracker, parent, 3, folder, None, 0.0, 0.0, **{"cvad.pruned": "over 1 MB"})  # its sweep ran two lists
+    log_paste(tracker, parent, 0, folder, ["bolt", "gear"], 0.60, 10.0)  # tasks read back from result.json
+    log_paste(tracker, parent, 1, folder | {"tasks": ["bolt", "gear"]}, ["bolt", "gear"], 0.40, 20.0)  # from the params
+    log_paste(tracker, parent, 2, folder, ["bolt", "gear", "nut"], 0.30, 30.0)  # resumed after "nut" was added
+    log_paste(tracker, parent, 3, folder, None, 0.0, 0.0, **{"cvad.pruned": "over 1 MB"})  # its sweep ran two lists
     tracker = (store, store.open_experiment("edge", artifact_root=root))
     parent = store.start_sweep(tracker[1], "edge", {}, {})
     builtin = {"name": "builtin", "tasks": "all", "builtin": {"categories": ["brick", "grass"]}}
-    log_trial(tracker, parent, 0, builtin, ["brick", "grass"], 0.50, 5.0)
-    log_trial(tracker, parent, 1, builtin, None, 0.0, 0.0, **{"cvad.pruned": "over 1 MB"})  # its sweep ran one list
+    log_paste(tracker, parent, 0, builtin, ["brick", "grass"], 0.50, 5.0)
+    log_paste(tracker, parent, 1, builtin, None, 0.0, 0.0, **{"cvad.pruned": "over 1 MB"})  # its sweep ran one list
     return uri
 
 
@@ -260,26 +248,16 @@ def units_store(tmp_path_factory) -> tuple[str, dict]:
     experiment = tracker.open_experiment("units")
     parent = tracker.start_sweep(experiment, "units", {}, {})
 
-    def start(number: int, name: str) -> str:
-        return tracker.start_trial(
-            experiment, parent, name, config.to_dict(), trial_tags(config.to_dict(), "units", number)
-        )
-
-    new = start(0, "new")
-    record = {
-        "schema": 2, "config": config.to_dict(), "tasks": ["a", "b"], "matrices": {}, "weights": {"pretrained": False},
-        "final": {"pixel_f1": 0.4}, "efficiency": price | {"latency_ms": None, "latency_device": "cpu"},
-        "wall_seconds": {"train": 1.0, "eval": 1.0, "total": 2.0},
-    }  # fmt: skip
-    tracker.log_metrics(new, {"pixel_f1": 0.4}, step=1)
-    tracker.log_result(new, TrialRecord.from_dict(record), {})
-    tracker.end_trial(new, "FINISHED")
-    old = start(1, "old")
-    schema_1 = {"pixel_f1": 0.4, "memory_mb": price["memory_bytes"] / 1e6, "gflops": price["gmacs"]}  # no schema tag
+    logged = (tracker, experiment, parent)
+    efficiency = price | {"latency_device": "cpu"}
+    log_trial(*logged, 0, config.to_dict(), efficiency, ["a", "b"], {"pixel_f1": 0.4}, pretrained=False, sweep="units")
+    # Runs logged before the schema tag, as the store of an earlier version held them: by hand.
+    schema_1 = {"pixel_f1": 0.4, "memory_mb": price["memory_bytes"] / 1e6, "gflops": price["gmacs"]}
+    old = tracker.start_trial(experiment, parent, "old", config.to_dict(), trial_tags(config.to_dict(), "units", 1))
     tracker.log_metrics(old, schema_1, step=1)
     tracker.client.set_tag(old, "cvad.pretrained", "false")
     tracker.end_trial(old, "FINISHED")
-    stale = start(2, "stale")
+    stale = tracker.start_trial(experiment, parent, "stale", config.to_dict(), trial_tags(config.to_dict(), "units", 2))
     tracker.client.log_param(stale, "model.params.retired_knob", "3")  # a parameter cvad no longer knows
     tracker.log_metrics(stale, schema_1, step=1)
     tracker.end_trial(stale, "FINISHED")

@@ -24,11 +24,6 @@ from support import run_sweep, tiny_sweep
 CVAD = [sys.executable, "-m", "cvad"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("builtin-cache")
-
-
 def mlflow_runs(store: Path, experiment: str) -> list:
     from mlflow.tracking import MlflowClient
 
@@ -61,10 +56,10 @@ def folder_sweep(name: str, root: Path, space: dict | None = None) -> dict:
 # -- sweep files ------------------------------------------------------------------------------
 
 
-def test_conditional_grid_has_only_the_parameters_of_each_branch(cache):
+def test_conditional_grid_has_only_the_parameters_of_each_branch(builtin_cache):
     raw = tiny_sweep(
         "grid",
-        cache,
+        builtin_cache,
         space={
             "backbone": {"name": ["mobilenetv2_100", "mcunet_in3"]},
             "strategy": [{"name": "finetune"}, {"name": "replay", "replay_size": [40, 100]}],
@@ -88,10 +83,10 @@ def test_conditional_grid_has_only_the_parameters_of_each_branch(cache):
     assert config.model.params["bank_size"] == 3000 and config.strategy.replay_size == 100
 
 
-def test_whole_config_branches_give_each_method_its_own_backbones(cache):
+def test_whole_config_branches_give_each_method_its_own_backbones(builtin_cache):
     raw = tiny_sweep(
         "branches",
-        cache,
+        builtin_cache,
         space=[
             {"model": {"name": "padim"}, "backbone": {"name": ["mobilenetv2_100", "mcunet_in3"]}},
             {"model": {"name": "patchcore", "params": {"bank_size": [100, 200]}}, "backbone": {"name": "resnet18"}},
@@ -133,8 +128,8 @@ def test_whole_config_branches_give_each_method_its_own_backbones(cache):
         ({"space": {"model": {"name": ["padim", "padimm"]}}}, "unknown model 'padimm'"),
     ],
 )
-def test_invalid_sweep_files_are_rejected_with_specific_errors(cache, change, message):
-    raw = tiny_sweep("x", cache)
+def test_invalid_sweep_files_are_rejected_with_specific_errors(builtin_cache, change, message):
+    raw = tiny_sweep("x", builtin_cache)
     raw.update(change)
     with pytest.raises(ConfigError) as error:
         SweepSpec(raw, source="bad.yaml")
@@ -142,8 +137,8 @@ def test_invalid_sweep_files_are_rejected_with_specific_errors(cache, change, me
     assert "bad.yaml" in str(error.value)
 
 
-def test_branch_error_names_the_branch_and_the_bad_key(cache):
-    raw = tiny_sweep("x", cache, space={"model": [{"name": "patchcore", "params": {"bank_sise": [10]}}]})
+def test_branch_error_names_the_branch_and_the_bad_key(builtin_cache):
+    raw = tiny_sweep("x", builtin_cache, space={"model": [{"name": "patchcore", "params": {"bank_sise": [10]}}]})
     with pytest.raises(ConfigError) as error:
         SweepSpec(raw)
     assert "model.params.bank_sise: unknown key" in str(error.value)
@@ -175,8 +170,8 @@ def test_paper_grid_trains_with_each_methods_published_schedule(tmp_path):
     assert checked == {"stfpm", "paste", "simplenet", "cfa", "dinomaly"}
 
 
-def test_extends_merges_mappings_and_replaces_the_rest(tmp_path, cache):
-    base = tiny_sweep("base", cache)
+def test_extends_merges_mappings_and_replaces_the_rest(tmp_path, builtin_cache):
+    base = tiny_sweep("base", builtin_cache)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     (tmp_path / "child.yaml").write_text(
         yaml.safe_dump({"extends": "base.yaml", "dataset": {"image_size": 64}, "space": {"seed": [1, 2]}})
@@ -192,9 +187,9 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_dry_run_prints_the_grid(tmp_path, cache):
+def test_dry_run_prints_the_grid(tmp_path, builtin_cache):
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(tiny_sweep("dry", cache)))
+    path.write_text(yaml.safe_dump(tiny_sweep("dry", builtin_cache)))
     out = subprocess.run([*CVAD, "sweep", str(path), "--dry-run"], capture_output=True, text=True, check=True).stdout
     assert "grid of 4 configurations" in out
     assert "PaDiM multimodal + MobileNetV2, replay 2" in out
@@ -213,8 +208,8 @@ def trial_configs(runs) -> list[str]:
 
 
 @pytest.mark.slow
-def test_grid_sweep_records_every_trial_in_mlflow_and_optuna(tmp_path, cache):
-    raw = tiny_sweep("grid-run", cache)
+def test_grid_sweep_records_every_trial_in_mlflow_and_optuna(tmp_path, builtin_cache):
+    raw = tiny_sweep("grid-run", builtin_cache)
     outcome = run_sweep(raw, tmp_path)
     assert (outcome.completed, outcome.failed) == (4, 0)
     client, runs = mlflow_runs(tmp_path, "grid-run")
@@ -270,12 +265,12 @@ def detector_runs(client, runs) -> dict[str, bool]:
 
 
 @pytest.mark.slow
-def test_only_the_trials_on_the_pareto_front_keep_their_fitted_detector(tmp_path, cache):
+def test_only_the_trials_on_the_pareto_front_keep_their_fitted_detector(tmp_path, builtin_cache):
     import torch
 
     from cvad.detector import load_detector
 
-    raw = tiny_sweep("front", cache)
+    raw = tiny_sweep("front", builtin_cache)
     lines = []
     outcome = SweepRunner(SweepSpec(copy.deepcopy(raw)), SweepOptions(store_dir=tmp_path), printer=lines.append).run()
     assert outcome.completed == 4
@@ -311,9 +306,9 @@ def test_only_the_trials_on_the_pareto_front_keep_their_fitted_detector(tmp_path
 
 
 @pytest.mark.slow
-def test_detectors_all_keeps_every_completed_trials_detector(tmp_path, cache):
+def test_detectors_all_keeps_every_completed_trials_detector(tmp_path, builtin_cache):
     space = {"model": {"name": "padim", "params": {"n_features": [4, 8]}}}
-    raw = tiny_sweep("all", cache, space=space, detectors="all")
+    raw = tiny_sweep("all", builtin_cache, space=space, detectors="all")
     assert run_sweep(raw, tmp_path).completed == 2
     client, runs = mlflow_runs(tmp_path, "all")
     kept = detector_runs(client, runs)
@@ -322,10 +317,10 @@ def test_detectors_all_keeps_every_completed_trials_detector(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path, cache):
+def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path, builtin_cache):
     raw = tiny_sweep(
         "with-failure",
-        cache,
+        builtin_cache,
         space={
             "model": {"name": "padim", "params": {"n_features": 8}},
             # Its training images list fine (headers) but fail inside the worker, when a trial reads their pixels.
@@ -351,7 +346,7 @@ def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_a_sweep_whose_every_trial_failed_exits_1_with_the_most_common_error(tmp_path, cache):
+def test_a_sweep_whose_every_trial_failed_exits_1_with_the_most_common_error(tmp_path, builtin_cache):
     from typer.testing import CliRunner
 
     from cvad.cli import cli
@@ -408,11 +403,11 @@ def test_a_bad_dataset_root_is_refused_before_anything_is_created_and_tasks_are_
 
 
 @pytest.mark.slow
-def test_configurations_over_budget_are_pruned_before_training(tmp_path, cache):
+def test_configurations_over_budget_are_pruned_before_training(tmp_path, builtin_cache):
     from cvad.cost import price_config
 
     space = {"model": {"name": "padim", "params": {"n_features": [4, 64]}}}
-    raw = tiny_sweep("budget", cache, space=space)
+    raw = tiny_sweep("budget", builtin_cache, space=space)
     spec = SweepSpec(copy.deepcopy(raw))
     small, large = (price_config(spec.config_for(optuna.trial.FixedTrial(p)))["memory_mb"] for p in spec.grid_points)
     raw["sweep"]["constraints"] = {"max_mb": (small + large) / 2}
@@ -436,8 +431,8 @@ def test_configurations_over_budget_are_pruned_before_training(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_resume_runs_each_configuration_exactly_once(tmp_path, cache):
-    raw = tiny_sweep("resumable", cache)
+def test_resume_runs_each_configuration_exactly_once(tmp_path, builtin_cache):
+    raw = tiny_sweep("resumable", builtin_cache)
     first = run_sweep(raw, tmp_path, n_trials=2)
     assert first.completed == 2
     with pytest.raises(SweepError, match="different sweep file"):
@@ -454,10 +449,10 @@ def test_resume_runs_each_configuration_exactly_once(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_resume_reruns_only_the_interrupted(tmp_path, cache):
+def test_ctrl_c_stops_cleanly_and_resume_reruns_only_the_interrupted(tmp_path, builtin_cache):
     raw = tiny_sweep(
         "interrupted",
-        cache,
+        builtin_cache,
         space={
             "strategy": [{"name": "finetune"}, {"name": "replay", "replay_size": [2]}],
             "model": [{"name": "padim", "params": {"n_features": 8, "continual": ["unimodal", "multimodal"]}}],
@@ -509,9 +504,9 @@ def cut_mid_sweep(database: Path, name: str) -> bool:
 
 
 @pytest.mark.slow
-def test_a_sweep_killed_with_sigkill_resumes_keeping_every_finished_trial(tmp_path, cache):
+def test_a_sweep_killed_with_sigkill_resumes_keeping_every_finished_trial(tmp_path, builtin_cache):
     """No handler runs on SIGKILL: what the stores hold at that instant must be enough to resume."""
-    raw = tiny_sweep("killed", cache, resources={"cpus_per_trial": 2})  # one trial at a time
+    raw = tiny_sweep("killed", builtin_cache, resources={"cpus_per_trial": 2})  # one trial at a time
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
     store = tmp_path / "store"

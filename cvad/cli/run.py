@@ -107,6 +107,7 @@ def run(
     from cvad.files import write_atomic
     from cvad.record import RECORD_FILE, RecordWriteError
     from cvad.trial import run_trial  # heavy imports only when running
+
     out = out or DEFAULT_STORE / f"{config.stem}-{datetime.now():%Y%m%d-%H%M%S}"
     replacing = prepare_output(out, overwrite)
     config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)

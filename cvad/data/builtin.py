@@ -25,7 +25,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cvad import cache_root
-from cvad.data import synthetic
+from cvad.data import defects, synthetic
 from cvad.data.base import CategorySplit, DatasetError
 from cvad.data.mvtec import GOOD, MASK_SUFFIX, MVTecAD
 
@@ -47,7 +47,7 @@ class Drawing:
     """A clean image and where defects may be placed on it."""
 
     image: np.ndarray  # float [S, S, 3]
-    surface: synthetic.Surface
+    surface: defects.Surface
     scene: synthetic.ObjectScene | None = None  # object categories only
 
 
@@ -83,7 +83,7 @@ class TextureCategory:
         margin = max(int(0.1 * size), 1)
         centres = np.zeros((size, size), dtype=bool)
         centres[margin:-margin, margin:-margin] = True
-        return Drawing(image, synthetic.Surface(centres))
+        return Drawing(image, defects.Surface(centres))
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class ObjectCategory:
 
     def draw(self, rng: np.random.Generator, size: int) -> Drawing:
         scene = self.draw_scene(rng, size)
-        surface = synthetic.Surface(centres=scene.cover >= 0.99, clip=scene.cover)
+        surface = defects.Surface(centres=scene.cover >= 0.99, clip=scene.cover)
         return Drawing(scene.image(), surface, scene)
 
 
@@ -184,12 +184,12 @@ DEFAULT_BUILTIN_CATEGORIES: tuple[str, ...] = ("brick", "capsule", "grass", "hex
 """Three photographed textures and two drawn objects; none needs a system package."""
 
 DEFECT_SURFACE_DRAWERS = {
-    "scratch": synthetic.draw_scratch,
-    "crack": synthetic.draw_crack,
-    "hole": synthetic.draw_hole,
-    "stain": synthetic.draw_stain,
+    "scratch": defects.draw_scratch,
+    "crack": defects.draw_crack,
+    "hole": defects.draw_hole,
+    "stain": defects.draw_stain,
 }
-DEFECT_SHAPE_DRAWERS = {"missing_part": synthetic.draw_missing_part, "extra_part": synthetic.draw_extra_part}
+DEFECT_SHAPE_DRAWERS = {"missing_part": defects.draw_missing_part, "extra_part": defects.draw_extra_part}
 
 
 # --------------------------------------------------------------------------- options
@@ -308,7 +308,7 @@ def render_image(
             paint = DEFECT_SHAPE_DRAWERS[defect](rng, drawing.scene, scale)
         else:
             paint = DEFECT_SURFACE_DRAWERS[defect](rng, drawing.image, drawing.surface, scale)
-        image, mask = synthetic.apply_defect(drawing.image, paint, options.defect_contrast)
+        image, mask = defects.apply_defect(drawing.image, paint, options.defect_contrast)
         if mask.sum() >= min_pixels:
             return RenderedImage(synthetic.to_uint8(image), clean, mask)
     raise RuntimeError(f"could not place a visible {defect} on {category} image {index}: this is a generator bug")

@@ -104,7 +104,9 @@ class RayExecutor:
 
     def launch(self, config: dict, number: int) -> ObjectRef:
         threads = max(1, int(self.resources.cpus_per_trial))
-        return self.remote.remote(config, number, self.events, threads, self.feature_cache)
+        return self.remote.remote(
+            config=config, number=number, events=self.events, threads=threads, feature_cache=self.feature_cache
+        )
 
     def wait(self, refs: list[ObjectRef], timeout: float = 0.5) -> list[ObjectRef]:
         """The refs that finished (at most one), after waiting up to ``timeout`` seconds."""

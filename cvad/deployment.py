@@ -8,6 +8,7 @@ by default).
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from dataclasses import dataclass
@@ -94,8 +95,6 @@ def deploy(
     say=print,
 ) -> Deployment:
     """Export a source's detector, verify it, write its report beside it, log it on its run, register it."""
-    import json
-
     from cvad.detector import load_detector
     from cvad.export import export_detector, verification_images
     from cvad.tracking.registry import register_export

@@ -65,6 +65,19 @@ def store(uri: str) -> TrackingStore:
     return TrackingStore(uri)
 
 
+@st.cache_resource
+def downloads() -> tempfile.TemporaryDirectory:
+    """One folder for the artifacts the dashboard shows, kept while it runs and removed when it stops."""
+    return tempfile.TemporaryDirectory(prefix="cvad-dashboard-")
+
+
+def downloaded(run_id: str) -> Path:
+    """Where a run's artifacts are downloaded (a folder per run: two runs' overlays share file names)."""
+    folder = Path(downloads().name) / run_id
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 AXIS_LABELS = {"memory_mb": "memory (MB = 2^20 bytes)", "gflops": "GFLOPs per image (2 x multiply-adds)"}
 
 
@@ -111,7 +124,7 @@ def pareto_figure(trials: pd.DataFrame, metric: str, x: str, front: pd.Series, p
 
 def matrix_frame(uri: str, run_id: str, metric: str) -> pd.DataFrame | None:
     try:
-        path = store(uri).download(run_id, f"matrices/{metric}.csv", tempfile.mkdtemp(prefix="cvad-dashboard-"))
+        path = store(uri).download(run_id, f"matrices/{metric}.csv", downloaded(run_id))
     except Exception:  # an older or failed run without matrices
         return None
     return pd.read_csv(path, index_col=0)
@@ -182,7 +195,7 @@ def continual_view(uri: str, trials: pd.DataFrame, metric: str, top: pd.Series |
             st.caption("image | ground truth | anomaly map")
             cols = st.columns(min(3, len(overlays)))
             for i, path in enumerate(overlays[:6]):
-                image = store(uri).download(row["run_id"], path, tempfile.mkdtemp(prefix="cvad-dashboard-"))
+                image = store(uri).download(row["run_id"], path, downloaded(row["run_id"]))
                 cols[i % len(cols)].image(str(image), caption=Path(path).stem)
 
 

@@ -178,7 +178,7 @@ class SweepRunner:
         started = time.perf_counter()
         self.store = TrackingStore(self.options.resolved_tracking_uri())
         self.experiment = self.store.open_experiment(spec.name, artifact_root=self.artifact_root())
-        self.study = SweepStudy.open(spec, self.options.resolved_storage(), self.options.resume, tasks)
+        self.study = SweepStudy.open(spec, self.options.resolved_storage(), self.options.resume)
         self.tasks = self.study.pin_tasks(tasks)
         self.detectors = DetectorKeeper(settings.detectors, self.options.store_dir, self.store, self.say)
         self.parent = self.study.parent_run
@@ -372,8 +372,7 @@ class SweepRunner:
         if detector is not None:
             self.detectors.keep(run_id, detector)
         self.store.end_trial(run_id, "FINISHED")
-        self.study.tell_record(running.trial, output.record)
-        values = objective_values(self.spec, output.record)
+        values = self.study.tell_record(running.trial, output.record)
         shown = ", ".join(f"{o.metric} {v:.4g}" for o, v in zip(self.spec.settings.objectives, values))
         weights = "" if output.record.pretrained else "  [RANDOM WEIGHTS]"
         self.say(f"[{self.elapsed()}] trial {number} done in {seconds:.0f}s: {shown}{weights}")

@@ -125,7 +125,7 @@ class SweepStudy:
         self.study, self.spec, self.storage = study, spec, storage
 
     @classmethod
-    def open(cls, spec: SweepSpec, storage: str, resume: bool, tasks: dict[str, list[str]]) -> SweepStudy:
+    def open(cls, spec: SweepSpec, storage: str, resume: bool) -> SweepStudy:
         """Create the study, or load it for ``resume``; a name taken without --resume, or another file, is refused."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         exists = spec.name in optuna.study.get_all_study_names(storage)
@@ -195,12 +195,14 @@ class SweepStudy:
             self.study.set_user_attr(TASKS_ATTR, {**tasks, **pinned})
         return {key: pinned.get(key, names) for key, names in tasks.items()}
 
-    def tell_record(self, trial: optuna.Trial, record: TrialRecord) -> None:
-        """A trial finished: Optuna gets its record's objective values (and its constraint values)."""
+    def tell_record(self, trial: optuna.Trial, record: TrialRecord) -> list[float]:
+        """A trial finished: Optuna gets its record's objective values (and its constraint values); returns them."""
         constraints = self.spec.settings.constraints
         if constraints.active:
             set_constraints(trial, constraints.values(record.efficiency))
-        self.study.tell(trial, objective_values(self.spec, record))
+        values = objective_values(self.spec, record)
+        self.study.tell(trial, values)
+        return values
 
     def tell_failure(self, trial: optuna.Trial, error: str) -> None:
         TrialAttrs.of(trial).write(trial, error=error)

@@ -328,7 +328,7 @@ class TrackingStore:
                 path = download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=self.uri)
             except Exception:  # a record whose artifacts are gone
                 return None
-            return list(json.loads(Path(path).read_text())["tasks"])
+            return TrialRecord.read(Path(path)).tasks
 
     # -- exports ---------------------------------------------------------------------------------
     def export_run(self, record: TrialRecord | None) -> str:

@@ -114,6 +114,28 @@ class StrategyConfig(StrictModel):
         return self
 
 
+class CalibrationConfig(StrictModel):
+    """How each task's decision thresholds are set from defect-free images training did not see (docs/methods.md
+    section 5)."""
+
+    holdout: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="share of each task's train/good held out (seeded) to calibrate its thresholds; "
+        "0: train on every image (the paper's protocol) and keep no thresholds",
+    )
+    image_fpr: float = Field(0.05, gt=0, lt=1, description="target share of good images flagged defective")
+    pixel_fpr: float = Field(0.01, gt=0, lt=1, description="target share of good pixels flagged defective")
+    min_images: int = Field(
+        5, ge=1, description="fewest held-out images a task may be calibrated on; a task with fewer is refused"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.holdout > 0
+
+
 class RunConfig(StrictModel):
     """One experiment: data, task order, model, backbone, strategy and seed."""
 
@@ -121,6 +143,7 @@ class RunConfig(StrictModel):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     measure_latency: bool = True

@@ -17,15 +17,26 @@ import torch
 
 from cvad.backbones.weights import RandomWeightsWarning
 from cvad.config import DatasetConfig, RunConfig
+from cvad.continual.calibration import Thresholds, ThresholdSet
+from cvad.decision import DecisionRule
 from cvad.efficiency import count_gflops, memory_footprint
 from cvad.models import AnomalyModel, build_model
 
 
-def measure_efficiency(model: AnomalyModel, image_size: int, device: str, replay_images: torch.Tensor | None) -> dict:
-    """Memory (MB = 2^20 bytes, bytes kept) by part and GFLOPs (2 x GMACs, GMACs kept) of a model."""
+def measure_efficiency(
+    model: AnomalyModel,
+    image_size: int,
+    device: str,
+    replay_images: torch.Tensor | None,
+    rule: DecisionRule | None = None,
+) -> dict:
+    """Memory (MB = 2^20 bytes, bytes kept) by part and GFLOPs (2 x GMACs, GMACs kept) of a model, with what the
+    device keeps besides it: the replay buffer, and the thresholds it decides with."""
     parts = model.stored_tensors()
     if replay_images is not None:
         parts["replay_buffer"] = [replay_images]
+    if rule is not None:
+        parts["thresholds"] = rule.stored()
     memory = memory_footprint(parts)
     flops = count_gflops(model, image_size, device=device)
     return {
@@ -75,4 +86,8 @@ def price_config(config: RunConfig, tasks: int | None = None) -> dict:
     replay = None
     if config.strategy.name == "replay":
         replay = torch.empty(config.strategy.replay_size, 3, size, size, dtype=torch.uint8)
-    return measure_efficiency(model, size, "cpu", replay) | {"tasks": tasks}
+    rule = None
+    if config.calibration.enabled:  # one image and one pixel threshold per step
+        steps = 1 if config.strategy.name == "joint" else tasks
+        rule = DecisionRule(ThresholdSet([Thresholds(0.0, 0.0)] * steps))
+    return measure_efficiency(model, size, "cpu", replay, rule) | {"tasks": tasks}

@@ -2,10 +2,13 @@
 
 The exported graph is the whole deployed path (``AnomalyModel.forward``: backbone, heads,
 scoring, task routing) behind an input step: a uint8 (0-255) or float (0-1) image batch
-``[B, 3, S, S]`` in, ``image_scores [B]`` and ``anomaly_maps [B, S, S]`` out; the batch size
-is free. Before the file is moved into place, it runs on the run's own test images in its
-own runtime (ONNX Runtime, or the loaded TorchScript module) and its outputs are compared
-with PyTorch's; a difference over the tolerance fails the export and writes nothing.
+``[B, 3, S, S]`` in, ``image_scores [B]`` and ``anomaly_maps [B, S, S]`` out, and for a detector
+with calibrated thresholds the decision too (``cvad.decision``): ``is_defect [B]`` and
+``defect_masks [B, S, S]``, bool; the batch size is free. Before the file is moved into place, it
+runs on the run's own test images in its own runtime (ONNX Runtime, or the loaded TorchScript
+module) and its outputs are compared with PyTorch's; a score over the tolerance, or a decision that
+differs where PyTorch's score is not within that tolerance of its threshold, fails the export and
+writes nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from cvad.catalog import config_name
+from cvad.decision import DecisionRule
 from cvad.detector import Detector
 from cvad.efficiency import time_calls
 
@@ -31,6 +35,7 @@ Format = Literal["onnx", "torchscript"]
 InputKind = Literal["uint8", "float"]
 FORMATS: tuple[str, ...] = get_args(Format)
 OUTPUT_NAMES = ("image_scores", "anomaly_maps")
+DECISION_NAMES = ("is_defect", "defect_masks")  # a detector with thresholds also returns these
 RELATIVE_TOLERANCE = 1e-3  # of the largest |value| PyTorch gives on the checked images, per output
 VERIFY_BATCH = 4  # images per verification call: a batch size other than the example's 2, so a baked-in size fails
 
@@ -40,17 +45,30 @@ class ExportError(RuntimeError):
 
 
 class DeployedDetector(nn.Module):
-    """What the device runs: an image batch in its camera's type -> (image scores, anomaly maps)."""
+    """What the device runs: an image batch in its camera's type -> image scores, anomaly maps and, with a
+    decision rule, whether each image is defective and its defect mask."""
 
-    def __init__(self, model: nn.Module, input_kind: InputKind) -> None:
+    def __init__(self, model: nn.Module, input_kind: InputKind, rule: DecisionRule | None = None) -> None:
         super().__init__()
         self.model = model
         self.input_kind = input_kind
+        self.rule = rule
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return OUTPUT_NAMES + (DECISION_NAMES if self.rule is not None else ())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pixels = images.float().div(255.0) if self.input_kind == "uint8" else images
         out = self.model(pixels)
-        return out.image_scores, out.anomaly_maps
+        if self.rule is None:
+            return out.image_scores, out.anomaly_maps
+        return (out.image_scores, out.anomaly_maps, *self.rule(out))
+
+    def thresholds(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image and pixel thresholds each of ``images`` is judged by (the rule's)."""
+        pixels = images.float().div(255.0) if self.input_kind == "uint8" else images
+        return self.rule.thresholds_for(self.model(pixels))
 
 
 @dataclass
@@ -73,6 +91,11 @@ class ExportReport:
     latency_iqr_ms: float
     pytorch_latency_ms: float  # the PyTorch model, same images, same machine, same threads
     threads: int
+    outputs: tuple[str, ...] = OUTPUT_NAMES  # with DECISION_NAMES when the detector has calibrated thresholds
+
+    @property
+    def decides(self) -> bool:
+        return DECISION_NAMES[0] in self.outputs
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -114,7 +137,7 @@ def export_detector(
     """Export ``detector`` to ``out``, verified on ``images`` (uint8 [N, 3, S, S]); nothing is written if it fails."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    deployed = DeployedDetector(detector.model.eval(), input_kind).eval()
+    deployed = DeployedDetector(detector.model.eval(), input_kind, detector.decision_rule()).eval()
     inputs = images if input_kind == "uint8" else images.float() / 255
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -123,8 +146,10 @@ def export_detector(
     try:
         with torch.no_grad():
             expected = [deployed(batch) for batch in inputs.split(VERIFY_BATCH)]
+            judged_by = [deployed.thresholds(batch) for batch in inputs.split(VERIFY_BATCH)] if deployed.rule else []
         example = inputs[:1].expand(2, -1, -1, -1).contiguous()  # torch.export holds a batch of 1 to size 1
         runtime = (to_onnx if fmt == "onnx" else to_torchscript)(deployed, example, Path(partial), detector)
+        runtime.output_names = deployed.output_names
         try:
             got = [runtime.run(batch) for batch in inputs.split(VERIFY_BATCH)]
         except Exception as exc:  # e.g. a batch size the graph fixed, or an op the runtime lacks
@@ -135,6 +160,12 @@ def export_detector(
                 f"the {fmt} export of {describe(detector)} does not match PyTorch on the run's test images: "
                 f"max |difference| scores {diffs[0]:.3g} (tolerance {tolerances[0]:.3g}), "
                 f"maps {diffs[1]:.3g} (tolerance {tolerances[1]:.3g}); nothing was written"
+            )
+        flipped = decisions_flipped(expected, got, judged_by, tolerances)
+        if flipped:
+            raise ExportError(
+                f"the {fmt} export of {describe(detector)} decides otherwise than PyTorch on the run's test images "
+                f"({flipped}) where the scores are not near the threshold; nothing was written"
             )
         one = inputs[:1]
         exported_time = time_calls(lambda: runtime.run(one))
@@ -163,6 +194,7 @@ def export_detector(
         latency_iqr_ms=exported_time.iqr_ms,
         pytorch_latency_ms=pytorch_time.median_ms,
         threads=torch.get_num_threads(),
+        outputs=deployed.output_names,
     )
 
 
@@ -171,7 +203,7 @@ def compare(
 ) -> tuple[list[float], list[float]]:
     """Max |difference| per output over every batch, and each output's tolerance (relative to its largest value)."""
     diffs, tolerances = [], []
-    for index in range(len(OUTPUT_NAMES)):
+    for index in range(len(OUTPUT_NAMES)):  # the scores; decisions are checked by decisions_flipped
         reference = np.concatenate([batch[index].numpy() for batch in expected])
         exported = np.concatenate([batch[index] for batch in got])
         if exported.shape != reference.shape:
@@ -182,6 +214,26 @@ def compare(
         diffs.append(float(diff) if np.isfinite(diff) else float("inf"))
         tolerances.append(relative_tolerance * max(float(np.abs(reference).max()), 1e-6))
     return diffs, tolerances
+
+
+def decisions_flipped(
+    expected: list[tuple[torch.Tensor, ...]],
+    got: list[tuple[np.ndarray, ...]],
+    judged_by: list[tuple[torch.Tensor, torch.Tensor]],
+    tolerances: list[float],
+) -> str:
+    """What the export decides otherwise than PyTorch where PyTorch's score is farther than the score tolerance from
+    its threshold (a score within it may fall either side); empty when nothing does."""
+    problems = []
+    for batch, exported, (image_t, pixel_t) in zip(expected, got, judged_by):
+        scores, maps, defect, masks = (value.numpy() for value in batch)
+        far_images = np.abs(scores - image_t.numpy()) > tolerances[0]
+        far_pixels = np.abs(maps - pixel_t.numpy()[:, None, None]) > tolerances[1]
+        problems.append(
+            (int(((exported[2] != defect) & far_images).sum()), int(((exported[3] != masks) & far_pixels).sum()))
+        )
+    images, pixels = (sum(p[i] for p in problems) for i in range(2))
+    return f"{images} images, {pixels} pixels" if images or pixels else ""
 
 
 class OnnxRuntime:
@@ -196,8 +248,10 @@ class OnnxRuntime:
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.weights_bytes = onnx_weights_bytes(onnx.load(str(path)))
 
+    output_names: tuple[str, ...] = OUTPUT_NAMES
+
     def run(self, images: torch.Tensor) -> tuple[np.ndarray, ...]:
-        return tuple(self.session.run(list(OUTPUT_NAMES), {"images": images.numpy()}))
+        return tuple(self.session.run(list(self.output_names), {"images": images.numpy()}))
 
 
 class TorchScriptRuntime:
@@ -237,8 +291,9 @@ def to_onnx(deployed: DeployedDetector, example: torch.Tensor, path: Path, detec
                 deployed, (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, strict=False
             )
             onnx_program = torch.onnx.export(
-                program, dynamo=True, input_names=["images"], output_names=list(OUTPUT_NAMES), external_data=False
-            )
+                program, dynamo=True, input_names=["images"], output_names=list(deployed.output_names),
+                external_data=False,
+            )  # fmt: skip
             onnx_program.save(str(path))
     except Exception as exc:
         raise ExportError(f"{describe(detector)} cannot export to ONNX: {blocker(exc)}") from None

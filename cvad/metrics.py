@@ -1,4 +1,4 @@
-"""Detection metrics (F1-max, ROC-AUC), their names, and the continual summaries (final average, forgetting).
+"""Detection metrics (F1-max, ROC-AUC, at a calibrated threshold), their names, and the continual summaries.
 
 Exact computation never sorts (score, label) pairs together. Scores are split by label,
 each class is sorted on its own (a value-only sort, much faster than an argsort), and
@@ -29,8 +29,15 @@ if TYPE_CHECKING:  # torch is not imported here: the metric names and summaries 
 
     ArrayLike = torch.Tensor | np.ndarray
 
-# What one evaluation of one task yields: the entries of the task x task matrices R[t][j].
-DETECTION_METRICS = ("image_f1", "image_auroc", "pixel_f1", "pixel_auroc")
+# What one evaluation of one task yields: the entries of the task x task matrices R[t][j]. The threshold-free ones
+# (F1-max picks its threshold on the test labels, an oracle; AUPRO from cvad.region_overlap), then the decisions at
+# the thresholds calibrated on held-out good images (cvad.continual.calibration), which a device can make.
+THRESHOLD_FREE_METRICS = ("image_f1", "image_auroc", "pixel_f1", "pixel_auroc", "pixel_aupro")
+CALIBRATED_METRICS = ("image_f1_calibrated", "image_precision", "image_recall", "image_fpr", "pixel_f1_calibrated")
+DETECTION_METRICS = (*THRESHOLD_FREE_METRICS, *CALIBRATED_METRICS)
+LOWER_IS_BETTER = ("image_fpr",)
+# What a recommendation may maximise.
+QUALITY_METRICS = tuple(metric for metric in DETECTION_METRICS if metric not in LOWER_IS_BETTER)
 # Every matrix a run records; routing_accuracy only for methods that pick each image's task themselves.
 METRICS = (*DETECTION_METRICS, "routing_accuracy")
 # forgetting(R) of these matrices, kept in the result record's "final" as forgetting_<metric>.
@@ -41,6 +48,12 @@ METRIC_LABELS = {
     "image_auroc": "image ROC-AUC",
     "pixel_f1": "pixel F1",
     "pixel_auroc": "pixel ROC-AUC",
+    "pixel_aupro": "pixel AUPRO (FPR <= 0.3)",
+    "image_f1_calibrated": "image F1 at the calibrated threshold",
+    "image_precision": "image precision at the calibrated threshold",
+    "image_recall": "image recall at the calibrated threshold",
+    "image_fpr": "image false-positive rate at the calibrated threshold",
+    "pixel_f1_calibrated": "pixel F1 at the calibrated threshold",
     "routing_accuracy": "routing accuracy",
 }
 
@@ -373,6 +386,52 @@ class ImageMetrics:
             raise ValueError("ImageMetrics.compute: no images were added; call update() with the test batches first.")
         f1, auroc = self._state.metrics()
         return {"image_f1": f1, "image_auroc": auroc}
+
+
+class ThresholdCounts:
+    """Confusion counts of a device's decisions on ONE task's test set, images and pixels, and the metrics at them.
+
+    Precision is 0 where nothing was flagged (sklearn's ``zero_division=0``); a rate is None where its
+    denominator class is absent.
+    """
+
+    def __init__(self) -> None:
+        self.images = np.zeros(4, dtype=np.int64)  # tp, fp, fn, tn
+        self.pixels = np.zeros(3, dtype=np.int64)  # tp, fp, fn
+        self.has_pixels = False
+
+    @staticmethod
+    def _counts(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+        tp = int(np.count_nonzero(predicted & actual))
+        fp = int(np.count_nonzero(predicted & ~actual))
+        fn = int(np.count_nonzero(~predicted & actual))
+        return np.array([tp, fp, fn, predicted.size - tp - fp - fn], dtype=np.int64)
+
+    def update(
+        self, defect: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None, true_masks: torch.Tensor
+    ) -> None:
+        """Add a batch: decisions [B] bool and labels [B]; decided masks [B,H,W] bool (None: no pixel truth)."""
+        actual = _labels_to_numpy(labels, "ThresholdCounts.update", require_bool=False)
+        self.images += self._counts(defect.numpy().reshape(-1), actual)
+        if masks is not None:
+            truth = _labels_to_numpy(true_masks, "ThresholdCounts.update", require_bool=True)
+            self.pixels += self._counts(masks.numpy().reshape(-1), truth)[:3]
+            self.has_pixels = True
+
+    def compute(self) -> dict[str, float | None]:
+        """The ``CALIBRATED_METRICS``; empty when nothing was added (a detector without thresholds)."""
+        tp, fp, fn, tn = (int(v) for v in self.images)
+        if tp + fp + fn + tn == 0:
+            return {}
+        result = {
+            "image_f1_calibrated": 2 * tp / (2 * tp + fp + fn) if tp + fn else None,
+            "image_precision": tp / (tp + fp) if tp + fp else 0.0,
+            "image_recall": tp / (tp + fn) if tp + fn else None,
+            "image_fpr": fp / (fp + tn) if fp + tn else None,
+        }
+        ptp, pfp, pfn = (int(v) for v in self.pixels)
+        result["pixel_f1_calibrated"] = 2 * ptp / (2 * ptp + pfp + pfn) if self.has_pixels and ptp + pfn else None
+        return result
 
 
 # ----------------------------------------------------------------------------------

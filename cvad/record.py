@@ -28,6 +28,7 @@ SCHEMA_1_MB = 1e6 / 2**20  # a schema-1 MB in the paper's MB (2^20 bytes)
 RECORD_METRICS = {
     **{metric: ("final", metric) for metric in (*DETECTION_METRICS, *FORGETTING_METRICS)},
     **{metric: ("efficiency", metric) for metric in ("memory_mb", "gflops", "latency_ms")},
+    **{metric: ("efficiency", metric) for metric in ("update_seconds", "update_peak_mb")},
 }
 
 
@@ -56,6 +57,13 @@ class StepRecord:
     train_seconds: float
     eval_seconds: float
     replay_per_task: list[int] | None = None  # images the replay buffer holds of each task seen
+    held_out_images: int = 0  # good training images kept out of training to calibrate the step's thresholds
+    update_peak_mb: float | None = None  # the process's peak resident-set rise during the update (measured)
+    update_state_mb: float | None = None  # stored state + replay buffer + the step's images (from tensors)
+    data_root: str | None = None  # where the task's images were, when not in the config's dataset.root (cvad learn)
+
+    def with_eval_seconds(self, seconds: float) -> StepRecord:
+        return replace(self, eval_seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,9 @@ class TrialRecord:
     schema: int = RESULT_SCHEMA
     detector: DetectorFile | None = None
     warnings: tuple[str, ...] = ()
+    # Calibration (docs/methods.md section 5): each step's deployed thresholds, the targets, and per
+    # metric of THRESHOLD_MATRICES the T x T matrix of what each task's held-out images give after each step.
+    thresholds: dict[str, Any] | None = None
 
     # -- reading -----------------------------------------------------------------------------
     @classmethod
@@ -114,6 +125,7 @@ class TrialRecord:
             schema=RESULT_SCHEMA,
             detector=DetectorFile(**detector) if detector else None,
             warnings=tuple(data.get("warnings", ())),
+            thresholds=data.get("thresholds"),
         )
 
     @classmethod
@@ -153,6 +165,7 @@ class TrialRecord:
         eff, wall = self.efficiency, self.wall_seconds
         values: dict[str, Any] = {k: self.final.get(k) for k in FORGETTING_METRICS}
         values |= {k: eff.get(k) for k in ("memory_mb", "memory_bytes", "gflops", "gmacs", "latency_ms")}
+        values |= {k: eff.get(k) for k in ("update_seconds", "update_peak_mb", "update_state_mb")}
         if eff.get("latency_ms") is not None:  # a spread that says the machine was busy is kept beside the figure
             values |= {"latency_iqr_ms": eff["latency_iqr_ms"], "latency_noisy": float(eff["latency_noisy"])}
         values |= {f"memory_mb.{part}": mb for part, mb in eff.get("memory_breakdown_mb", {}).items()}
@@ -166,9 +179,11 @@ class TrialRecord:
         return {k: float(v) for k, v in values.items() if v is not None}
 
     def matrix_csv(self, metric: str) -> str:
-        """One matrix as CSV: a row per step, a column per task, empty where undefined."""
+        """One matrix (a metric's, or a threshold matrix) as CSV: a row per step, a column per task, empty where
+        undefined."""
+        matrix = self.matrices[metric] if metric in self.matrices else self.thresholds["matrices"][metric]
         lines = ["after_step," + ",".join(self.tasks)]
-        for name, row in zip(self.tasks, self.matrices[metric]):
+        for name, row in zip(self.tasks, matrix):
             lines.append(name + "," + ",".join("" if v is None else f"{v:.6f}" for v in row))
         return "\n".join(lines) + "\n"
 

@@ -14,6 +14,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one stream step's own randomness: a step draws the same numbers whether it runs inside
+    ``cvad run`` or as a ``cvad learn`` of a saved detector (nothing random carries over from earlier steps)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import pandas as pd
 
 from cvad.catalog import config_name
-from cvad.metrics import DETECTION_METRICS, FORGETTING_METRICS, METRIC_LABELS
+from cvad.metrics import DETECTION_METRICS, FORGETTING_METRICS, METRIC_LABELS, QUALITY_METRICS
 from cvad.pareto import pareto_front
 from cvad.published import PUBLISHED, PublishedCell
 from cvad.record import paper_units
@@ -29,16 +30,18 @@ from cvad.stream import TaskStream
 from cvad.tracking import Tag, TrackingError, TrackingStore
 from cvad.tracking.params import config_of
 
-QUALITY_METRICS = DETECTION_METRICS  # what a recommendation may maximise
 DEFAULT_METRIC = "pixel_f1"
 TABLE_METRICS = (
-    *QUALITY_METRICS,
+    *DETECTION_METRICS,
     *FORGETTING_METRICS,
     "memory_mb",
     "gflops",
     "latency_ms",
     "latency_noisy",
     "wall_seconds",
+    "update_seconds",
+    "update_peak_mb",
+    "update_state_mb",
 )
 # What deploying a trial takes: its stored detector's file (``detector_mb``), and what ``cvad export`` measured.
 DEPLOYMENT_METRICS = (
@@ -217,9 +220,14 @@ def pareto_mask(trials: pd.DataFrame, metric: str, costs: tuple[str, ...] = ("me
 
 @dataclass(frozen=True)
 class Budget:
+    """What a pick must fit: memory and compute per image on the device, a quality floor, and what learning the
+    next product may cost there (the largest step's wall seconds and peak memory rise)."""
+
     max_mb: float | None = None
     max_gflops: float | None = None
     min_image_f1: float | None = None
+    max_update_s: float | None = None
+    max_update_mb: float | None = None
 
     def describe(self) -> str:
         parts = []
@@ -229,6 +237,10 @@ class Budget:
             parts.append(f"under {self.max_gflops:g} GFLOPs")
         if self.min_image_f1 is not None:
             parts.append(f"image F1 at least {self.min_image_f1:g}")
+        if self.max_update_s is not None:
+            parts.append(f"updates within {self.max_update_s:g} s")
+        if self.max_update_mb is not None:
+            parts.append(f"updates within {self.max_update_mb:g} MB of peak memory")
         return ", ".join(parts) or "any budget"
 
 
@@ -287,6 +299,10 @@ def recommend(trials: pd.DataFrame, metric: str = DEFAULT_METRIC, budget: Budget
         fits &= candidates["gflops"] <= budget.max_gflops
     if budget.min_image_f1 is not None:
         fits &= candidates["image_f1"].fillna(-1) >= budget.min_image_f1
+    if budget.max_update_s is not None:  # a trial that never measured its update cost cannot be shown to fit
+        fits &= candidates["update_seconds"].fillna(math.inf) <= budget.max_update_s
+    if budget.max_update_mb is not None:
+        fits &= candidates["update_peak_mb"].fillna(math.inf) <= budget.max_update_mb
     excluded["over budget"] = int((~fits).sum())
     inside = candidates[fits]
     front = inside[pareto_mask(inside, metric)]
@@ -338,3 +354,35 @@ def reasons(picks: pd.DataFrame, metric: str) -> list[str]:
             out.append(f"{' and '.join(savings) or 'no saving'} than the one above, for {cost:.3f} lower {label}")
         previous = row
     return out
+
+
+def tag_number(tags: dict[str, str], key: str) -> float | None:
+    value = tags.get(key)
+    return None if value in (None, "None") else float(value)
+
+
+def version_table(store: TrackingStore, name: str) -> pd.DataFrame:
+    """A registered model's versions, oldest first: the task each added, the mean of its last matrix row per metric,
+    forgetting, the thresholds of the task it added and what that update cost (``cvad.tracking.registry`` tags)."""
+    rows = []
+    for version in store.model_versions(name):
+        tags = version.tags
+        number = partial(tag_number, tags)
+        row = {"version": version.version, "tasks": number("task_count"), "learned": tags.get("learned")}
+        for key, text in tags.items():
+            if key.startswith("row."):
+                values = [v for v in json.loads(text).values() if v is not None]
+                row[key.removeprefix("row.")] = sum(values) / len(values) if values else None
+        row |= {metric: number(f"metric.{metric}") for metric in FORGETTING_METRICS}
+        for kind in ("image", "pixel"):
+            thresholds = json.loads(tags.get(f"thresholds.{kind}", "[]"))
+            row[f"{kind}_threshold"] = thresholds[-1] if thresholds else None
+        row |= {
+            "update_seconds": number("update.seconds"),
+            "update_peak_mb": number("update.peak_mb"),
+            "memory_mb": number("budget.memory_mb"),
+            "task_list": tags.get("tasks", ""),
+            "run_id": version.run_id,
+        }
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -14,7 +14,9 @@ import torch
 
 import cvad
 from cvad.config import RunConfig
-from cvad.continual.protocol import LoaderSettings, run_continual
+from cvad.continual.calibration import check_holdout
+from cvad.continual.protocol import Learner, LoaderSettings, StreamResult, run_continual
+from cvad.continual.replay import ReplayBuffer
 from cvad.cost import measure_efficiency
 from cvad.data import load_task_stream
 from cvad.detector import DETECTOR_FILE, detector_bytes
@@ -27,6 +29,66 @@ from cvad.overlays import write_overlays
 from cvad.progress import DataReady, Listener, ignore
 from cvad.record import RECORD_FILE, DetectorFile, TrialRecord
 from cvad.runtime import resolve_device, seed_everything
+
+
+def new_learner(
+    config: RunConfig, tasks: int, device: str, progress: Listener = ignore, features: FeatureStore | None = None
+) -> Learner:
+    """The configured method, untrained, on the configured strategy (a stream of ``tasks`` tasks)."""
+    model = build_model(config.model.name, config.model.params, config.setup(tasks=tasks)).to(device)
+    settings = LoaderSettings(
+        config.dataset.image_size, config.dataset.batch_size, device, config.seed, config.dataset.eval_batch_size
+    )
+    replay = None
+    if config.strategy.name == "replay":
+        replay = ReplayBuffer(config.strategy.replay_size, config.dataset.image_size, config.seed)
+    return Learner(
+        model, config.strategy.name, settings, config.calibration, replay, features=features or FeatureStore(),
+        progress=progress,
+    )  # fmt: skip
+
+
+def trial_record(
+    config: RunConfig, learner: Learner, stream: StreamResult, device: str, wall_seconds: dict[str, float]
+) -> TrialRecord:
+    """The record of a stream learned; the update costs are the largest step's."""
+    model = learner.model
+    replay = learner.replay.images if learner.replay is not None else None
+    rule = learner.decision_rule()
+    efficiency = measure_efficiency(model, config.dataset.image_size, device, replay, rule)
+    latency = {"latency_ms": None}
+    if config.measure_latency:
+        latency = measure_latency(model, config.dataset.image_size, device=device).as_record()
+    efficiency |= {
+        "update_seconds": max(s.train_seconds for s in stream.steps),
+        "update_peak_mb": max(s.update_peak_mb or 0.0 for s in stream.steps),
+        "update_state_mb": max(s.update_state_mb or 0.0 for s in stream.steps),
+    }
+    matrices = stream.matrices
+    final = {metric: final_average(matrices[metric]) for metric in METRICS}
+    final |= {f"forgetting_{metric}": forgetting(matrices[metric]) for metric in FORGETTING_OF}
+    threads = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    thresholds = None
+    if learner.decides:
+        calibration = config.calibration
+        thresholds = learner.thresholds.as_dict() | {
+            "image_fpr": calibration.image_fpr,
+            "pixel_fpr": calibration.pixel_fpr,
+            "matrices": stream.thresholds,
+        }
+    return TrialRecord(
+        config=config.to_dict(),
+        tasks=list(stream.tasks),
+        matrices=matrices,
+        final=final,
+        efficiency=efficiency | latency | {"latency_device": f"{device} ({threads})"},
+        weights=model.weights.as_dict(),
+        steps=tuple(stream.steps),
+        wall_seconds=wall_seconds,
+        seed=config.seed,
+        cvad_version=cvad.__version__,
+        thresholds=thresholds,
+    )
 
 
 def run_trial(
@@ -51,55 +113,35 @@ def run_trial(
     device = resolve_device(config.device)
 
     splits = list(load_task_stream(config.dataset, progress=lambda message: progress(DataReady(message))).splits)
+    check_holdout(splits, config.calibration)  # before anything trains
     data_seconds = time.perf_counter() - started
-    model = build_model(config.model.name, config.model.params, config.setup(tasks=len(splits))).to(device)
+    learner = new_learner(config, len(splits), device, progress, FeatureStore(feature_cache))
 
-    settings = LoaderSettings(
-        config.dataset.image_size, config.dataset.batch_size, device, config.seed, config.dataset.eval_batch_size
-    )
     protocol_started = time.perf_counter()
-    stream = run_continual(
-        model,
-        splits,
-        strategy=config.strategy.name,
-        settings=settings,
-        replay_size=config.strategy.replay_size,
-        progress=progress,
-        features=FeatureStore(feature_cache),
-    )
-    protocol_seconds = time.perf_counter() - protocol_started
-
-    replay = stream.replay.images if stream.replay is not None else None
-    efficiency = measure_efficiency(model, config.dataset.image_size, device, replay)
-    latency = {"latency_ms": None}
-    if config.measure_latency:
-        latency = measure_latency(model, config.dataset.image_size, device=device).as_record()
-
-    matrices = stream.matrices
-    final = {metric: final_average(matrices[metric]) for metric in METRICS}
-    final |= {f"forgetting_{metric}": forgetting(matrices[metric]) for metric in FORGETTING_OF}
-    threads = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    record = TrialRecord(
-        config=config.to_dict(),
-        tasks=list(stream.tasks),
-        matrices=matrices,
-        final=final,
-        efficiency=efficiency | latency | {"latency_device": f"{device} ({threads})"},
-        weights=model.weights.as_dict(),
-        steps=tuple(stream.steps),
-        wall_seconds={
-            "data": data_seconds,
-            "protocol": protocol_seconds,
-            "train": sum(s.train_seconds for s in stream.steps),
-            "eval": sum(s.eval_seconds for s in stream.steps),
-            "total": time.perf_counter() - started,
-        },
-        seed=config.seed,
-        cvad_version=cvad.__version__,
-    )
+    stream = run_continual(learner, splits)
+    wall = {
+        "data": data_seconds,
+        "protocol": time.perf_counter() - protocol_started,
+        "train": sum(s.train_seconds for s in stream.steps),
+        "eval": sum(s.eval_seconds for s in stream.steps),
+        "total": time.perf_counter() - started,
+    }
+    record = trial_record(config, learner, stream, device, wall)
     if output_dir is None:
         return record
-    detector = detector_bytes(model, config, stream.tasks) if keep_detector else None
+    return save_outputs(Path(output_dir), record, learner, config, splits, keep_detector)
+
+
+def save_outputs(
+    output_dir: Path, record: TrialRecord, learner: Learner, config: RunConfig, splits: list, keep_detector: bool
+) -> TrialRecord:
+    """Write the record (atomically, first), then the detector and the overlays of ``splits``; an extra that cannot
+    be written becomes a warning in the record. Returns the record as written."""
+    device = learner.settings.device
+    output_dir.mkdir(parents=True, exist_ok=True)
+    detector = None
+    if keep_detector:
+        detector = detector_bytes(learner.model, config, record.tasks, learner.thresholds, learner.replay, record)
     if detector is not None:  # its size beside memory_mb: the file holds what fitting changed, not the frozen backbone
         record = record.with_detector(DetectorFile(DETECTOR_FILE, len(detector), len(detector) / 2**20))
     # The record first, whole or not at all; then the extras, whose failure is a warning in it.
@@ -112,7 +154,7 @@ def run_trial(
             record = record.with_detector(None).with_warning(f"detector not written: {exc}")
             record.write(record_path)
     try:
-        write_overlays(model, splits, config.dataset.image_size, device, Path(output_dir) / "overlays")
+        write_overlays(learner.model, splits, config.dataset.image_size, device, Path(output_dir) / "overlays")
     except OSError as exc:
         record = record.with_warning(f"overlays not written: {exc}")
         record.write(record_path)

@@ -21,7 +21,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from cvad.metrics import FORGETTING_METRICS, METRIC_LABELS, forgetting_per_task
+from cvad.metrics import DETECTION_METRICS, FORGETTING_METRICS, METRIC_LABELS, forgetting_per_task
 from cvad.selection import (
     DEFAULT_METRIC,
     PUBLISHED_MVTEC,
@@ -34,6 +34,7 @@ from cvad.selection import (
     project_to_tasks,
     recommend,
     streams,
+    version_table,
 )  # fmt: skip
 from cvad.tracking import TrackingError, TrackingStore, resolve_tracking_uri
 
@@ -190,6 +191,7 @@ def continual_view(uri: str, trials: pd.DataFrame, metric: str, top: pd.Series |
                 ),
                 width="stretch",
             )
+        update_view(uri, row["run_id"])
         overlays = store(uri).artifact_paths(row["run_id"], "overlays")
         if overlays:
             st.caption("image | ground truth | anomaly map")
@@ -197,6 +199,35 @@ def continual_view(uri: str, trials: pd.DataFrame, metric: str, top: pd.Series |
             for i, path in enumerate(overlays[:6]):
                 image = store(uri).download(row["run_id"], path, downloaded(row["run_id"]))
                 cols[i % len(cols)].image(str(image), caption=Path(path).stem)
+
+
+def update_view(uri: str, run_id: str) -> None:
+    """What each training step (an update on the device) cost, and how each task's image threshold moved."""
+    left, right = st.columns(2)
+    costs = [
+        {"step": step + 1, "cost": label, "value": value}
+        for metric, label in (("step_update_seconds", "seconds"), ("step_update_peak_mb", "peak memory rise, MB"))
+        for step, value in store(uri).metric_history(run_id, metric)
+    ]
+    if costs:
+        left.plotly_chart(
+            px.bar(
+                pd.DataFrame(costs), x="step", y="value", color="cost", barmode="group", title="update cost per step"
+            ),
+            width="stretch",
+        )
+    drift = matrix_frame(uri, run_id, "image_threshold")
+    if drift is not None:
+        right.plotly_chart(
+            px.imshow(
+                drift,
+                text_auto=".3g",
+                color_continuous_scale="Cividis",
+                title="image threshold each task's held-out images give (deployed: the diagonal)",
+                labels={"x": "task", "y": "after training on"},
+            ),  # fmt: skip
+            width="stretch",
+        )
 
 
 EXPORT_FORMATS = {"onnx": "ONNX", "torchscript": "TorchScript"}  # cvad export --format: the metrics' infix, title
@@ -269,6 +300,37 @@ def deployment_view(uri: str, picks: pd.DataFrame) -> None:
             st.code(command, language="bash")
 
 
+VERSION_METRICS = ("pixel_f1", "image_f1", "pixel_aupro", "image_f1_calibrated", "image_fpr", "pixel_f1_calibrated")
+
+
+def registry_view(uri: str, metric: str) -> None:
+    """A registered model's versions (one per task learned on the line): tasks added, the metric over versions,
+    thresholds, forgetting and what each update cost."""
+    names = store(uri).registered_models()
+    if not names:
+        st.info("No model is registered yet: `cvad export ... --register NAME` or `cvad learn ... --register NAME`.")
+        return
+    name = st.selectbox("registered model", names, key="registered_model")
+    versions = version_table(store(uri), name)
+    if versions.empty:
+        st.info(f"{name} has no versions.")
+        return
+    shown = [m for m in (metric, *VERSION_METRICS) if m in versions]
+    chart = versions.melt(id_vars=["version", "learned"], value_vars=list(dict.fromkeys(shown)), var_name="metric")
+    figure = px.line(
+        chart, x="version", y="value", color="metric", markers=True, hover_data=["learned"],
+        labels={"value": "mean over the tasks seen (last matrix row)"},
+    )  # fmt: skip
+    st.plotly_chart(figure, width="stretch")
+    columns = ["version", "tasks", "learned", *dict.fromkeys(shown), *FORGETTING_METRICS]
+    columns += ["image_threshold", "pixel_threshold", "update_seconds", "update_peak_mb", "memory_mb", "task_list"]
+    st.dataframe(versions[[c for c in columns if c in versions]], hide_index=True, width="stretch")
+    st.caption(
+        "Each `cvad learn --register` adds a version: the task it learned, the metrics after it on every task seen, "
+        "forgetting, the new task's thresholds and what its update took (wall seconds, peak memory rise)."
+    )
+
+
 def main() -> None:
     st.title("cvad: what should the camera run?")
     uri = st.sidebar.text_input("MLflow tracking URI", tracking_uri_from_args())
@@ -310,11 +372,19 @@ def main() -> None:
         help="GFLOPs = 2 x multiply-adds",
     )  # fmt: skip
     min_image_f1 = st.sidebar.slider("min image F1", 0.0, 1.0, 0.0, 0.01, key="min_image_f1")
+    max_update_s = st.sidebar.number_input(
+        "max update seconds", min_value=0.0, value=None, step=1.0, placeholder="no limit", key="max_update_s",
+        help="the largest training step's wall time: what learning the next product takes",
+    )  # fmt: skip
+    max_update_mb = st.sidebar.number_input(
+        "max update memory (MB)", min_value=0.0, value=None, step=10.0, placeholder="no limit", key="max_update_mb",
+        help="the largest training step's peak memory rise (MB = 2^20 bytes)",
+    )  # fmt: skip
     published = st.sidebar.checkbox("show the paper's published figures (MVTec AD)", value=False)
 
-    rec = recommend(trials, metric, Budget(max_mb, max_gflops, min_image_f1 or None))
-    tab_recommend, tab_pareto, tab_continual, tab_runs = st.tabs(
-        ["Recommendation", "Pareto fronts", "Continual", "Runs"]
+    rec = recommend(trials, metric, Budget(max_mb, max_gflops, min_image_f1 or None, max_update_s, max_update_mb))
+    tab_recommend, tab_pareto, tab_continual, tab_runs, tab_registry = st.tabs(
+        ["Recommendation", "Pareto fronts", "Continual", "Runs", "Registered models"]
     )
     projected = f" (MB and GFLOPs projected to {tasks} tasks)" if tasks else ""
     with tab_recommend:
@@ -371,8 +441,9 @@ def main() -> None:
         if statuses:
             keep &= trials["status"].isin(statuses)
         table = trials[keep]
-        columns = ["sweep", "trial", "name", "status", *QUALITY_METRICS, *FORGETTING_METRICS, "memory_mb", "gflops"]
-        columns += ["latency_ms", "latency_noisy", "pretrained", "schema", "error", "pruned"]
+        columns = ["sweep", "trial", "name", "status", *DETECTION_METRICS, *FORGETTING_METRICS, "memory_mb", "gflops"]
+        columns += ["latency_ms", "latency_noisy", "update_seconds", "update_peak_mb", "pretrained", "schema", "error"]
+        columns += ["pruned"]
         if tasks:
             columns += ["measured_memory_mb", "measured_gflops", "projected_tasks", "projection_error"]
         shown = table[columns].copy()
@@ -386,6 +457,8 @@ def main() -> None:
         buffer = io.StringIO()
         shown.to_csv(buffer, index=False)
         st.download_button("download as CSV", buffer.getvalue(), file_name="cvad-trials.csv", mime="text/csv")
+    with tab_registry:
+        registry_view(uri, metric)
 
 
 main()

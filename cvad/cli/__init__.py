@@ -1,6 +1,6 @@
 """The ``cvad`` command line: a thin adapter that prints progress and writes records.
 
-One module per job (``run``, ``sweep``, ``choose``, ``deploy``), each adding its commands to the one
+One module per job (``run``, ``learn``, ``sweep``, ``choose``, ``deploy``), each adding its commands to the one
 Typer app in ``common``. Module-level imports stay light (no torch, timm, Ray, Optuna or models):
 `cvad --help` and `cvad recommend` must start at once; each command imports what it needs
 (tests/test_cli_startup.py).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from cvad.cli import choose, deploy, run, sweep  # noqa: F401  (each adds its commands to ``cli``)
+from cvad.cli import choose, deploy, learn, run, sweep  # noqa: F401  (each adds its commands to ``cli``)
 from cvad.cli.common import cli
 
 __all__ = ["app", "cli", "expand_set_values"]

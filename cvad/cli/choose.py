@@ -10,7 +10,7 @@ from typing import get_args
 import typer
 
 from cvad.cli.common import cli, fail
-from cvad.metrics import DETECTION_METRICS
+from cvad.metrics import QUALITY_METRICS
 from cvad.registry import UnknownNameError
 from cvad.tracking import DEFAULT_STORE, resolve_tracking_uri
 
@@ -26,7 +26,13 @@ def recommend(
     min_image_f1: float | None = typer.Option(
         None, "--min-image-f1", help="keep only trials with at least this image F1"
     ),
-    metric: str = typer.Option("pixel_f1", "--metric", help=f"quality to maximise: {', '.join(DETECTION_METRICS)}"),
+    max_update_s: float | None = typer.Option(
+        None, "--max-update-s", help="keep only trials whose largest training step (an update) took at most this"
+    ),
+    max_update_mb: float | None = typer.Option(
+        None, "--max-update-mb", help="keep only trials whose largest update raised peak memory by at most this"
+    ),
+    metric: str = typer.Option("pixel_f1", "--metric", help=f"quality to maximise: {', '.join(QUALITY_METRICS)}"),
     experiment: list[str] = typer.Option(
         [], "--experiment", help="sweep (MLflow experiment) to read; repeatable; default all"
     ),
@@ -77,7 +83,9 @@ def recommend(
             trials = project_to_tasks(trials, tasks)
             for _, row in trials[trials["projection_error"].notna()].iterrows():
                 typer.echo(f"{row['sweep']} trial {row['trial']} kept as measured: {row['projection_error']}", err=True)
-        recs = recommend_streams(trials, chosen, metric, Budget(max_mb, max_gflops, min_image_f1))
+        recs = recommend_streams(
+            trials, chosen, metric, Budget(max_mb, max_gflops, min_image_f1, max_update_s, max_update_mb)
+        )
     except (SelectionError, TrackingError) as exc:
         fail(str(exc))
     projected = f" (MB and GFLOPs projected to {tasks} tasks)" if tasks is not None else ""

@@ -176,6 +176,12 @@ BUILTIN_CATEGORIES: dict[str, TextureCategory | ObjectCategory] = {
         _gimp_category("marble", "Stone/marble1.pat", gain=(1.0, 0.97, 0.92)),
         _gimp_category("leather", "Animal/leather.pat"),
         _gimp_category("burlap", "Fabric/burlap.pat"),
+        _gimp_category("slate", "Stone/slate.pat", gain=(0.85, 0.92, 1.0)),
+        _gimp_category("paper", "Paper/crinklepaper.pat"),
+        _gimp_category("walnut", "Wood/walnut.pat", defect_size=1.6),
+        _gimp_category("veneer", "Wood/wood5.pat", rotate90=False),
+        _gimp_category("tile", "Stone/marble2.pat"),
+        _gimp_category("paving", "Stone/terra.pat"),
     )
 }
 """Every category the generator can draw, in its default task order."""

@@ -39,6 +39,7 @@ from cvad.models.components.coreset import greedy_k_center
 from cvad.models.components.frozen import FrozenOutputs, extractor_digest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
 from cvad.models.components.training import make_optimizer, train_loop
+from cvad.runtime import step_seed
 
 
 class CoordConvDescriptor(nn.Module):
@@ -66,7 +67,6 @@ class CFA(CFASpec, AnomalyModel):
             self.descriptor = CoordConvDescriptor(sum(self.backbone.channels))
         self.head = AnomalyMapHead(setup.image_size, params.blur_sigma)
         self.register_buffer("memory", torch.zeros(0))
-        self.sampler = torch.Generator().manual_seed(setup.seed)
         self.loss_history: list[list[float]] = []
 
     def describe(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -107,6 +107,7 @@ class CFA(CFASpec, AnomalyModel):
         return distances.topk(min(count, len(self.memory)), dim=-1, largest=False).values
 
     def fit_task(self, task: Task) -> None:
+        sampler = torch.Generator().manual_seed(step_seed(self.setup.seed, task.index))
         frozen = FrozenOutputs(self.backbone, extractor_digest(self.backbone), task.features)
         self.build_memory(task, frozen)
         p = self.params
@@ -117,7 +118,7 @@ class CFA(CFASpec, AnomalyModel):
             features, _ = self.describe(frozen(images))
             if p.train_patches is not None and p.train_patches < features.shape[1]:
                 # The loss is a mean over patches: a seeded random subset estimates it at a fraction of the cost.
-                keep = torch.randperm(features.shape[1], generator=self.sampler)[: p.train_patches].to(features.device)
+                keep = torch.randperm(features.shape[1], generator=sampler)[: p.train_patches].to(features.device)
                 features = features.index_select(1, keep)
             nearest = self.nearest_distances(features, p.k + p.j)
             attract = (nearest[..., : p.k] - r2).clamp(min=0).mean()

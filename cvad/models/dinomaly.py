@@ -51,6 +51,7 @@ from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, Task
 from cvad.models.components.frozen import FrozenOutputs, network_digest
 from cvad.models.components.maps import AnomalyMapHead
 from cvad.models.components.training import make_optimizer, train_loop
+from cvad.runtime import step_seed
 
 MLP_RATIO = 4  # hidden width of the bottleneck and of every decoder MLP, in multiples of the token width
 LAYER_NORM_EPS = 1e-8  # the original decoder's LayerNorm epsilon
@@ -64,6 +65,11 @@ class SeededDropout(nn.Module):
         self.p = p
         self.seed = seed
         self.generators: dict[torch.device, torch.Generator] = {}
+
+    def reseed(self, seed: int) -> None:
+        """Draw the next masks from ``seed`` (each stream step starts its own draws)."""
+        self.seed = seed
+        self.generators.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
@@ -243,6 +249,9 @@ class Dinomaly(DinomalySpec, AnomalyModel):
         return self.params.hard_mining_fraction * share
 
     def fit_task(self, task: Task) -> None:
+        for module in self.modules():
+            if isinstance(module, SeededDropout):
+                module.reseed(step_seed(self.setup.seed, task.index))
         trained = [p for module in self.trained_modules() for p in module.parameters()]
         optimizer = make_optimizer(self.params, trained)
         frozen = FrozenOutputs(

@@ -32,6 +32,7 @@ from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, Task
 from cvad.models.components.frozen import FrozenOutputs, extractor_digest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
 from cvad.models.components.training import make_optimizer, train_loop
+from cvad.runtime import step_seed
 
 
 class SimpleNet(SimpleNetSpec, AnomalyModel):
@@ -51,7 +52,6 @@ class SimpleNet(SimpleNetSpec, AnomalyModel):
             for layer in self.discriminator:
                 if isinstance(layer, nn.Linear):
                     nn.init.xavier_normal_(layer.weight)
-        self.noise = torch.Generator().manual_seed(setup.seed)
         self.head = AnomalyMapHead(setup.image_size, params.blur_sigma)
         self.loss_history: list[list[float]] = []
 
@@ -73,11 +73,12 @@ class SimpleNet(SimpleNetSpec, AnomalyModel):
             {"params": self.adaptor.parameters(), "lr": self.params.lr * self.params.adaptor_lr_ratio},
         ]
         optimizer = make_optimizer(self.params, groups)
+        noise_source = torch.Generator().manual_seed(step_seed(self.setup.seed, task.index))
         frozen = FrozenOutputs(self.backbone, extractor_digest(self.backbone), task.features)
 
         def loss_of(images: torch.Tensor) -> torch.Tensor:
             normal, _ = self.patch_features(frozen(images))
-            noise = torch.randn(normal.shape, generator=self.noise).to(normal.device) * self.params.noise_std
+            noise = torch.randn(normal.shape, generator=noise_source).to(normal.device) * self.params.noise_std
             scores = self.discriminator(torch.cat([normal, normal + noise])).squeeze(1)
             return self.truncated_l1(scores[: len(normal)], scores[len(normal) :])
 

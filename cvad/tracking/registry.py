@@ -2,11 +2,16 @@
 
 A version's tags say what it is without opening it: the trial's final metrics (``metric.*``), its
 budget figures (``budget.memory_mb``, ``budget.gflops``, ``budget.latency_ms``), the export's own
-figures (``export.*``), the dataset and its task list, the model, backbone and strategy.
+figures (``export.*``), the dataset and its task list, the model, backbone and strategy; and for
+the line that keeps learning (one version per ``cvad learn --register``): the task it added
+(``learned``), the last matrix row per metric (``row.<metric>``, JSON task -> value), each step's
+thresholds (``thresholds.image``, ``thresholds.pixel``, JSON lists) and what the last update cost
+(``update.seconds``, ``update.peak_mb``, ``update.state_mb``).
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +26,7 @@ if TYPE_CHECKING:
     from cvad.export import ExportReport
 
 MODEL_ARTIFACT = "detector"  # where the exported model lies in its run's artifacts
+ROW_METRICS = ("image_f1", "pixel_f1", "pixel_aupro", "image_f1_calibrated", "image_fpr", "pixel_f1_calibrated")
 
 
 def version_tags(record: TrialRecord | None, report: ExportReport) -> dict[str, str]:
@@ -35,27 +41,45 @@ def version_tags(record: TrialRecord | None, report: ExportReport) -> dict[str, 
     tags |= {
         "dataset": config["dataset"]["name"],
         "tasks": "+".join(record.tasks),
+        "task_count": str(len(record.tasks)),
+        "learned": record.tasks[-1],
         "model": config["model"]["name"],
         "backbone": config["backbone"]["name"],
         "strategy": config["strategy"]["name"],
     }
+    last = len(record.tasks) - 1
+    for metric in ROW_METRICS:
+        if metric in record.matrices:
+            tags[f"row.{metric}"] = json.dumps(dict(zip(record.tasks, record.matrices[metric][last])))
+    if record.thresholds:
+        tags |= {f"thresholds.{kind}": json.dumps(record.thresholds[kind]) for kind in ("image", "pixel")}
+    if record.steps:
+        step = record.steps[-1]
+        update = {"seconds": step.train_seconds, "peak_mb": step.update_peak_mb, "state_mb": step.update_state_mb}
+        tags |= {f"update.{key}": str(value) for key, value in update.items() if value is not None}
     return tags
 
 
-def signature_of(example: np.ndarray, output_names: tuple[str, str]):
-    """uint8 (or float) ``[-1, 3, S, S]`` images in, image scores ``[-1]`` and anomaly maps ``[-1, S, S]`` out."""
+def signature_of(example: np.ndarray, decides: bool):
+    """uint8 (or float) ``[-1, 3, S, S]`` images in, image scores ``[-1]`` and anomaly maps ``[-1, S, S]`` out, and
+    for a detector with thresholds the decisions (bool, same shapes)."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    from cvad.export import DECISION_NAMES, OUTPUT_NAMES
+
     size = example.shape[-1]
+    outputs = [
+        TensorSpec(np.dtype(np.float32), (-1,), OUTPUT_NAMES[0]),
+        TensorSpec(np.dtype(np.float32), (-1, size, size), OUTPUT_NAMES[1]),
+    ]
+    if decides:
+        outputs += [
+            TensorSpec(np.dtype(np.bool_), (-1,), DECISION_NAMES[0]),
+            TensorSpec(np.dtype(np.bool_), (-1, size, size), DECISION_NAMES[1]),
+        ]
     return ModelSignature(
-        inputs=Schema([TensorSpec(example.dtype, (-1, 3, size, size), "images")]),
-        outputs=Schema(
-            [
-                TensorSpec(np.dtype(np.float32), (-1,), output_names[0]),
-                TensorSpec(np.dtype(np.float32), (-1, size, size), output_names[1]),
-            ]
-        ),
+        inputs=Schema([TensorSpec(example.dtype, (-1, 3, size, size), "images")]), outputs=Schema(outputs)
     )
 
 
@@ -71,10 +95,8 @@ def register_export(
     version under ``name``; returns the version. Without a run (a ``cvad run`` folder) it gets one in
     ``cvad-exports``. MLflow's global tracking URI is never touched: the model is saved here and uploaded
     to the run through the store's client."""
-    from cvad.export import OUTPUT_NAMES
-
     run_id = run_id or store.export_run(record)
-    signature = signature_of(example, OUTPUT_NAMES)
+    signature = signature_of(example, report.decides)
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / MODEL_ARTIFACT
         if report.format == "onnx":

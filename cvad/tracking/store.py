@@ -92,6 +92,17 @@ class TrialRun:
         return 1 if "memory_mb" in self.metrics else None  # None: no record was logged (a failed trial)
 
 
+@dataclass(frozen=True)
+class ModelVersion:
+    """A registered detector's version as the registry keeps it: its tags say what it is
+    (``cvad.tracking.registry.version_tags``)."""
+
+    version: int
+    tags: dict[str, str]
+    run_id: str | None
+    created_ms: int
+
+
 class TrackingStore:
     """cvad's runs in one MLflow store (a sqlite file, a folder or a tracking server)."""
 
@@ -195,13 +206,17 @@ class TrackingStore:
     def log_result(self, run_id: str, record: TrialRecord, artifacts: dict[str, bytes]) -> None:
         """Final metrics, tags that need the run's outcome, and the artifacts (record, config, matrices, extras)."""
         self.log_metrics(run_id, record.final_metrics(), step=len(record.tasks) - 1)
+        for step in record.steps:  # what each update cost, over the stream
+            costs = {"step_update_seconds": step.train_seconds, "step_update_peak_mb": step.update_peak_mb}
+            self.log_metrics(run_id, costs | {"step_update_state_mb": step.update_state_mb}, step=step.step)
         self.set_tags(run_id, {Tag.PRETRAINED: str(record.pretrained).lower(), Tag.SCHEMA: str(record.schema)})
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             (root / RECORD_FILE).write_text(record.to_text())
             (root / "config.yaml").write_text(yaml.safe_dump(record.config, sort_keys=False))
             (root / "matrices").mkdir()
-            for metric in record.matrices:
+            threshold_matrices = (record.thresholds or {}).get("matrices", {})
+            for metric in [*record.matrices, *threshold_matrices]:
                 (root / "matrices" / f"{metric}.csv").write_text(record.matrix_csv(metric))
             for relative, data in artifacts.items():
                 path = root / relative
@@ -331,13 +346,21 @@ class TrackingStore:
             return TrialRecord.read(Path(path)).tasks
 
     # -- exports ---------------------------------------------------------------------------------
+    def model_versions(self, name: str) -> list[ModelVersion]:
+        """Every version registered under ``name``, oldest first (none when the model is not registered)."""
+        found = self.client.search_model_versions(f"name = '{name}'")
+        versions = [ModelVersion(int(v.version), dict(v.tags), v.run_id, v.creation_timestamp) for v in found]
+        return sorted(versions, key=lambda v: v.version)
+
+    def registered_models(self) -> list[str]:
+        return sorted(model.name for model in self.client.search_registered_models())
+
     def export_run(self, record: TrialRecord | None) -> str:
         """A run in ``cvad-exports`` for a ``cvad run`` folder, holding its record's final metrics and budget."""
         found = self.client.get_experiment_by_name(EXPORTS_EXPERIMENT)
         experiment = found.experiment_id if found else self.client.create_experiment(EXPORTS_EXPERIMENT)
         run_id = self.client.create_run(experiment, tags={Tag.ROLE: Role.EXPORT}).info.run_id
         if record is not None:
-            budget = {key: record.efficiency.get(key) for key in ("memory_mb", "gflops")}
-            self.log_metrics(run_id, record.final | budget)
+            self.log_metrics(run_id, record.final | record.final_metrics())  # quality, budget and update cost
         self.client.set_terminated(run_id)
         return run_id

@@ -1,0 +1,163 @@
+"""``cvad learn``: a saved detector learns the next task exactly as ``cvad run`` learns it within the stream.
+
+For every method and variant the contract test covers, under fine-tuning and replay, a stream run whole and
+the same stream run one task and then learned one more give the same matrices, thresholds, fitted state and
+replay buffer. Then what ``cvad learn`` refuses, what it reports when an earlier task's data is gone, and the
+command itself end to end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+from test_contract import CASES, IDS
+from typer.testing import CliRunner
+
+from cvad.backbones.weights import RandomWeightsWarning
+from cvad.cli import cli
+from cvad.config import validate_config
+from cvad.data.builtin import BuiltinDataset
+from cvad.detector import DETECTOR_FILE, load_detector
+from cvad.learning import LearnError, learn_task
+from cvad.record import TrialRecord
+from cvad.trial import run_trial
+from support import VIT, tiny_config
+
+STRATEGIES = [{"name": "finetune"}, {"name": "replay", "replay_size": 4}]
+
+
+def stream_config(cache, categories: list[str], method: str, backbone: str, params: dict, strategy: dict) -> dict:
+    return tiny_config(
+        cache,
+        dataset={"builtin": {"categories": categories}},
+        model={"name": method, "params": params},
+        backbone={"name": backbone, "weights": "random" if backbone == VIT else "imagenet"},
+        strategy=strategy,
+        calibration={"min_images": 1},
+    )
+
+
+def quietly(function, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        return function(*args, **kwargs)
+
+
+def assert_same_detector(left, right) -> None:
+    state, other = left.model.fitted_state(), right.model.fitted_state()
+    assert state.keys() == other.keys()
+    for key in state:
+        assert torch.equal(state[key], other[key]), key
+    assert left.thresholds == right.thresholds
+    assert (left.replay is None) == (right.replay is None)
+    if left.replay is not None:
+        assert torch.equal(left.replay.images, right.replay.images)
+        assert torch.equal(left.replay.task_ids, right.replay.task_ids)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=[s["name"] for s in STRATEGIES])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_learning_the_next_task_equals_running_the_whole_stream(case, strategy, builtin_cache, tmp_path):
+    _, method, backbone, params = case
+    whole_config = validate_config(
+        stream_config(builtin_cache, ["brick", "hex_nut"], method, backbone, params, strategy)
+    )
+    whole = quietly(run_trial, whole_config, output_dir=tmp_path / "whole")
+    first_config = validate_config(stream_config(builtin_cache, ["brick"], method, backbone, params, strategy))
+    quietly(run_trial, first_config, output_dir=tmp_path / "first")
+    learned = quietly(
+        learn_task, quietly(load_detector, tmp_path / "first" / DETECTOR_FILE), "hex_nut", tmp_path / "next"
+    )
+
+    assert learned.record.config == whole.config  # the config cvad run would be given for the whole stream
+    assert learned.record.tasks == whole.tasks
+    assert learned.record.matrices == whole.matrices
+    assert learned.record.thresholds == whole.thresholds
+    assert learned.record.final == whole.final
+    assert_same_detector(
+        quietly(load_detector, tmp_path / "next" / DETECTOR_FILE),
+        quietly(load_detector, tmp_path / "whole" / DETECTOR_FILE),
+    )
+    assert (tmp_path / "first" / "result.json").read_text() == TrialRecord.read(
+        tmp_path / "first" / "result.json"
+    ).to_text()
+
+
+def test_a_chain_of_learns_equals_the_run_and_leaves_each_source_as_it_was(builtin_cache, tmp_path):
+    raw = tiny_config(builtin_cache, strategy={"name": "replay", "replay_size": 4}, calibration={"min_images": 1})
+    whole = run_trial(validate_config(raw), output_dir=tmp_path / "whole")  # brick, hex_nut, grass
+    first = tiny_config(builtin_cache, dataset={"builtin": {"categories": ["brick"]}}, strategy=raw["strategy"],
+                        calibration=raw["calibration"])  # fmt: skip
+    run_trial(validate_config(first), output_dir=tmp_path / "s1")
+    before = (tmp_path / "s1" / DETECTOR_FILE).read_bytes()
+    learn_task(load_detector(tmp_path / "s1" / DETECTOR_FILE), "hex_nut", tmp_path / "s2")
+    done = learn_task(load_detector(tmp_path / "s2" / DETECTOR_FILE), "grass", tmp_path / "s3")
+    assert (tmp_path / "s1" / DETECTOR_FILE).read_bytes() == before
+    assert done.record.matrices == whole.matrices and done.record.thresholds == whole.thresholds
+    assert [s.trained_on for s in done.record.steps] == ["brick", "hex_nut", "grass"]
+    assert_same_detector(
+        load_detector(tmp_path / "s3" / DETECTOR_FILE), load_detector(tmp_path / "whole" / DETECTOR_FILE)
+    )
+    # the replay buffer is in the file and in memory_mb
+    assert done.record.efficiency["memory_bytes_by_part"]["replay_buffer"] == 4 * 3 * 64 * 64
+
+
+@pytest.fixture(scope="module")
+def one_task_run(builtin_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one-task")
+    raw = tiny_config(builtin_cache, dataset={"builtin": {"categories": ["brick"]}}, calibration={"min_images": 1})
+    run_trial(validate_config(raw), output_dir=out)
+    return out
+
+
+def test_a_task_already_learned_is_refused(one_task_run, tmp_path):
+    with pytest.raises(LearnError, match="already learned brick"):
+        learn_task(load_detector(one_task_run / DETECTOR_FILE), "brick", tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_joint_detector_is_refused_with_what_to_do_instead(builtin_cache, tmp_path):
+    raw = tiny_config(builtin_cache, dataset={"builtin": {"categories": ["brick"]}}, strategy={"name": "joint"},
+                      calibration={"min_images": 1})  # fmt: skip
+    run_trial(validate_config(raw), output_dir=tmp_path / "joint")
+    with pytest.raises(LearnError, match="trained jointly.*run the whole stream again"):
+        learn_task(load_detector(tmp_path / "joint" / DETECTOR_FILE), "grass", tmp_path / "next")
+
+
+def test_a_detector_file_of_another_format_is_refused(one_task_run, tmp_path):
+    content = torch.load(one_task_run / DETECTOR_FILE, weights_only=True)
+    old = {k: v for k, v in content.items() if k not in ("thresholds", "replay", "record")}
+    torch.save(old | {"format": "cvad-detector/1"}, tmp_path / "old.pt")
+    with pytest.raises(LearnError, match="cvad-detector/1 file.*cannot learn another task"):
+        learn_task(load_detector(tmp_path / "old.pt"), "grass", tmp_path / "next")
+    result = CliRunner().invoke(
+        cli, ["learn", str(tmp_path / "old.pt"), "--task", "grass", "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "cannot learn another task" in result.output
+
+
+def test_an_earlier_task_whose_data_is_gone_is_reported_not_evaluated(tmp_path, builtin_cache):
+    layout = tmp_path / "line"
+    generated = BuiltinDataset(validate_config(tiny_config(builtin_cache)).dataset.builtin, builtin_cache).root
+    shutil.copytree(generated, layout)  # a folder dataset in MVTec layout: brick, hex_nut, grass
+    folder = {"name": "folder", "root": str(layout), "tasks": ["brick"], "image_size": 64, "batch_size": 6}
+    raw = tiny_config(None, dataset=folder, calibration={"min_images": 1})
+    run_trial(validate_config(raw), output_dir=tmp_path / "first")
+    shutil.rmtree(layout / "brick")  # the first product's images are gone from this machine
+    done = learn_task(
+        load_detector(tmp_path / "first" / DETECTOR_FILE), "hex_nut", tmp_path / "next", say=lambda _: None
+    )
+    assert done.not_evaluated == ["brick"]
+    assert done.record.matrices["pixel_f1"][1][0] is None and done.record.matrices["pixel_f1"][1][1] is not None
+
+
+def test_cvad_learn_prints_the_new_row_forgetting_and_update_cost(one_task_run, tmp_path):
+    result = CliRunner().invoke(cli, ["learn", str(one_task_run), "--task", "grass", "--out", str(tmp_path / "n")])
+    assert result.exit_code == 0, result.output
+    assert "After learning grass (step 2)" in result.output and "forgetting (pixel_f1)" in result.output
+    assert "update:" in result.output and "peak memory rise" in result.output
+    record = TrialRecord.read(tmp_path / "n" / "result.json")
+    assert record.tasks == ["brick", "grass"] and record.steps[-1].update_peak_mb is not None

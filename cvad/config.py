@@ -116,7 +116,7 @@ class StrategyConfig(StrictModel):
 
 class CalibrationConfig(StrictModel):
     """How each task's decision thresholds are set from defect-free images training did not see (docs/methods.md
-    section 5)."""
+    section 8)."""
 
     holdout: float = Field(
         0.2,

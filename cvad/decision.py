@@ -4,7 +4,7 @@ One module, applied after a model's ``forward`` by the protocol's evaluation and
 so the metrics at the calibrated threshold are the decisions the device makes. A method that routes each
 image to a task (PatchCoreCL, CL++) is judged by that task's thresholds; a single model serving every task
 uses the largest of them, so no task's held-out good images were flagged above its target rate when it was
-calibrated (docs/methods.md section 5).
+calibrated (docs/methods.md section 8).
 """
 
 from __future__ import annotations

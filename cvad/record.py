@@ -92,7 +92,7 @@ class TrialRecord:
     schema: int = RESULT_SCHEMA
     detector: DetectorFile | None = None
     warnings: tuple[str, ...] = ()
-    # Calibration (docs/methods.md section 5): each step's deployed thresholds, the targets, and per
+    # Calibration (docs/methods.md section 8): each step's deployed thresholds, the targets, and per
     # metric of THRESHOLD_MATRICES the T x T matrix of what each task's held-out images give after each step.
     thresholds: dict[str, Any] | None = None
 

@@ -12,7 +12,7 @@ so a missed small scratch costs as much as a missed large stain.
   [0, fpr_limit], the curve interpolated linearly at fpr_limit, divided by fpr_limit.
 - None when there is no defect region or no normal pixel.
 
-Exact and vectorised: all pixels are sorted by score once. A normal pixel adds 1/N_normal to
+Exact and vectorised: the pixels that can reach the curve below the limit are sorted by score once. A normal pixel adds 1/N_normal to
 FPR and a pixel of region r adds 1/(R·|r|) to PRO, so both curves are cumulative sums of
 those weights, read at the last pixel of each group of tied scores.
 """
@@ -66,6 +66,14 @@ def _aupro(scores: np.ndarray, region_ids: np.ndarray, num_regions: int, fpr_lim
         return None
     # PRO weight per region, and 0 at index -1 so that normal pixels (id -1) pick up no weight.
     region_weight = np.append(1.0 / np.bincount(region_ids[~normal], minlength=num_regions), 0.0)
+    # Only the curve up to its first point past the limit counts: the pixels scoring at least the score of the
+    # normal pixel that takes FPR past it (one more for rounding) are its exact prefix; the rest need no sort.
+    past_limit = int(np.floor(fpr_limit * num_normal)) + 2
+    if past_limit <= num_normal:
+        normal_scores = scores[normal]
+        cut = np.partition(normal_scores, num_normal - past_limit)[num_normal - past_limit]
+        keep = scores >= cut
+        scores, region_ids = scores[keep], region_ids[keep]
     order = np.argsort(scores)[::-1]
     sorted_scores = scores[order]
     sorted_ids = region_ids[order]

@@ -338,6 +338,9 @@ def main() -> None:
         everything = cached_trials(uri, ())
     except (SelectionError, TrackingError) as exc:
         st.info(str(exc))
+        if isinstance(exc, SelectionError):  # no sweep yet, but a line may already have registered versions
+            st.header("Registered models")
+            registry_view(uri, DEFAULT_METRIC)
         return
     except Exception as exc:  # an unreadable store must never show a traceback
         st.error(f"cannot read trials from {uri}: {exc}")

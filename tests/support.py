@@ -96,6 +96,7 @@ TINY_RUN = {
     },
     "model": {"name": "padim", "params": {"n_features": 16}},
     "strategy": {"name": "finetune"},
+    "calibration": {"min_images": 1},  # 6 training images hold out 1 to calibrate on
     "measure_latency": False,
 }
 
@@ -115,8 +116,9 @@ def merged(base: object, override: object) -> object:
 
 
 def tiny_config(cache: Path | None, **overrides) -> dict:
-    """A raw run config on tiny built-in data: brick, hex_nut and grass at 64 px, 6 training, 2 good and
-    2 defective test images each, batch 6; PaDiM with 16 features, fine-tuning, no latency measured.
+    """A raw run config on tiny built-in data: brick, hex_nut and grass at 64 px, 6 training (one of them held
+    out to calibrate thresholds on), 2 good and 2 defective test images each, batch 6; PaDiM with 16 features,
+    fine-tuning, no latency measured.
 
     ``cache``: the folder of generated built-in data, the session's ``builtin_cache`` fixture, so that each option
     set is generated once a session (None, for a config whose data is never generated: no folder named).

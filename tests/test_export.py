@@ -125,10 +125,14 @@ def test_the_readme_device_lines_run_the_export_without_cvad(run_dir, tmp_path):
     check = code + "\nimport sys\nassert not [m for m in sys.modules if m.split('.')[0] == 'cvad']\n"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    score = float(re.search(r"anomaly score (\S+),", done.stdout).group(1))
+    verdict, score, flagged = re.search(
+        r"(defect|good): anomaly score (\S+), (\d+) pixels flagged", done.stdout
+    ).groups()
     with torch.no_grad():
-        expected = detector.model(read_rgb(image, 48).unsqueeze(0).float() / 255).image_scores.item()
-    assert score == pytest.approx(expected, abs=2e-4)
+        output = detector.model(read_rgb(image, 48).unsqueeze(0).float() / 255)
+        is_defect, mask = detector.decision_rule()(output)
+    assert float(score) == pytest.approx(output.image_scores.item(), abs=2e-4)
+    assert verdict == ("defect" if is_defect.item() else "good") and int(flagged) == int(mask.sum())
 
 
 def test_an_export_that_does_not_match_pytorch_writes_nothing(run_dir, tmp_path):

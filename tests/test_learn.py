@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,7 +37,6 @@ def stream_config(cache, categories: list[str], method: str, backbone: str, para
         model={"name": method, "params": params},
         backbone={"name": backbone, "weights": "random" if backbone == VIT else "imagenet"},
         strategy=strategy,
-        calibration={"min_images": 1},
     )
 
 
@@ -87,10 +87,9 @@ def test_learning_the_next_task_equals_running_the_whole_stream(case, strategy, 
 
 
 def test_a_chain_of_learns_equals_the_run_and_leaves_each_source_as_it_was(builtin_cache, tmp_path):
-    raw = tiny_config(builtin_cache, strategy={"name": "replay", "replay_size": 4}, calibration={"min_images": 1})
+    raw = tiny_config(builtin_cache, strategy={"name": "replay", "replay_size": 4})
     whole = run_trial(validate_config(raw), output_dir=tmp_path / "whole")  # brick, hex_nut, grass
-    first = tiny_config(builtin_cache, dataset={"builtin": {"categories": ["brick"]}}, strategy=raw["strategy"],
-                        calibration=raw["calibration"])  # fmt: skip
+    first = tiny_config(builtin_cache, dataset={"builtin": {"categories": ["brick"]}}, strategy=raw["strategy"])
     run_trial(validate_config(first), output_dir=tmp_path / "s1")
     before = (tmp_path / "s1" / DETECTOR_FILE).read_bytes()
     learn_task(load_detector(tmp_path / "s1" / DETECTOR_FILE), "hex_nut", tmp_path / "s2")
@@ -108,7 +107,7 @@ def test_a_chain_of_learns_equals_the_run_and_leaves_each_source_as_it_was(built
 @pytest.fixture(scope="module")
 def one_task_run(builtin_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("one-task")
-    raw = tiny_config(builtin_cache, dataset={"builtin": {"categories": ["brick"]}}, calibration={"min_images": 1})
+    raw = tiny_config(builtin_cache, dataset={"builtin": {"categories": ["brick"]}})
     run_trial(validate_config(raw), output_dir=out)
     return out
 
@@ -120,8 +119,7 @@ def test_a_task_already_learned_is_refused(one_task_run, tmp_path):
 
 
 def test_a_joint_detector_is_refused_with_what_to_do_instead(builtin_cache, tmp_path):
-    raw = tiny_config(builtin_cache, dataset={"builtin": {"categories": ["brick"]}}, strategy={"name": "joint"},
-                      calibration={"min_images": 1})  # fmt: skip
+    raw = tiny_config(builtin_cache, dataset={"builtin": {"categories": ["brick"]}}, strategy={"name": "joint"})
     run_trial(validate_config(raw), output_dir=tmp_path / "joint")
     with pytest.raises(LearnError, match="trained jointly.*run the whole stream again"):
         learn_task(load_detector(tmp_path / "joint" / DETECTOR_FILE), "grass", tmp_path / "next")
@@ -140,18 +138,20 @@ def test_a_detector_file_of_another_format_is_refused(one_task_run, tmp_path):
 
 
 def test_an_earlier_task_whose_data_is_gone_is_reported_not_evaluated(tmp_path, builtin_cache):
-    layout = tmp_path / "line"
     generated = BuiltinDataset(validate_config(tiny_config(builtin_cache)).dataset.builtin, builtin_cache).root
-    shutil.copytree(generated, layout)  # a folder dataset in MVTec layout: brick, hex_nut, grass
+    layout, other = tmp_path / "line", tmp_path / "other-line"
+    shutil.copytree(generated, layout, ignore=shutil.ignore_patterns("hex_nut"))  # folder datasets, MVTec layout
+    shutil.copytree(generated / "hex_nut", other / "hex_nut")  # the next product arrives in another folder
     folder = {"name": "folder", "root": str(layout), "tasks": ["brick"], "image_size": 64, "batch_size": 6}
-    raw = tiny_config(None, dataset=folder, calibration={"min_images": 1})
-    run_trial(validate_config(raw), output_dir=tmp_path / "first")
+    run_trial(validate_config(tiny_config(None, dataset=folder)), output_dir=tmp_path / "first")
+    learned = learn_task(load_detector(tmp_path / "first" / DETECTOR_FILE), "hex_nut", tmp_path / "second", root=other)
+    assert learned.record.steps[-1].data_root == str(other) and learned.record.config["dataset"]["root"] == str(layout)
     shutil.rmtree(layout / "brick")  # the first product's images are gone from this machine
-    done = learn_task(
-        load_detector(tmp_path / "first" / DETECTOR_FILE), "hex_nut", tmp_path / "next", say=lambda _: None
-    )
-    assert done.not_evaluated == ["brick"]
-    assert done.record.matrices["pixel_f1"][1][0] is None and done.record.matrices["pixel_f1"][1][1] is not None
+    said = []
+    done = learn_task(load_detector(tmp_path / "second" / DETECTOR_FILE), "grass", tmp_path / "third", say=said.append)
+    assert done.not_evaluated == ["brick"] and "brick: not evaluated" in said[0]
+    pixel_f1 = done.record.matrices["pixel_f1"]
+    assert pixel_f1[2][0] is None and pixel_f1[2][1] is not None and pixel_f1[2][2] is not None  # hex_nut: its root
 
 
 def test_cvad_learn_prints_the_new_row_forgetting_and_update_cost(one_task_run, tmp_path):
@@ -161,3 +161,35 @@ def test_cvad_learn_prints_the_new_row_forgetting_and_update_cost(one_task_run, 
     assert "update:" in result.output and "peak memory rise" in result.output
     record = TrialRecord.read(tmp_path / "n" / "result.json")
     assert record.tasks == ["brick", "grass"] and record.steps[-1].update_peak_mb is not None
+
+
+def test_each_learn_registers_a_version_with_its_row_and_the_dashboard_shows_them(one_task_run, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from cvad.selection import version_table
+    from cvad.tracking import TrackingStore
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    source = one_task_run
+    for task in ("grass", "hex_nut"):
+        out = tmp_path / task
+        args = ["learn", str(source), "--task", task, "--out", str(out), "--register", "line", "--tracking-uri", uri]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        assert "registered line version" in result.output and "is_defect, defect_masks" in result.output
+        source = out
+    versions = version_table(TrackingStore(uri), "line")
+    assert versions["version"].tolist() == [1, 2] and versions["learned"].tolist() == ["grass", "hex_nut"]
+    assert versions["tasks"].tolist() == [2, 3] and versions["task_list"].iloc[-1] == "brick+grass+hex_nut"
+    record = TrialRecord.read(tmp_path / "hex_nut" / "result.json")
+    assert versions["pixel_f1"].iloc[-1] == pytest.approx(sum(record.matrices["pixel_f1"][2]) / 3)
+    assert versions["image_threshold"].iloc[-1] == pytest.approx(record.thresholds["image"][-1])
+    assert versions["update_seconds"].iloc[-1] == pytest.approx(record.steps[-1].train_seconds)
+    assert versions["forgetting_pixel_f1"].iloc[-1] == pytest.approx(record.final["forgetting_pixel_f1"])
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    at = AppTest.from_file(str(Path(__file__).parents[1] / "dashboard" / "app.py"), default_timeout=120).run()
+    assert not at.exception
+    table = at.dataframe[-1].value
+    assert table["learned"].tolist() == ["grass", "hex_nut"] and "update_seconds" in table
+    assert len(at.get("plotly_chart")) == 1  # the metrics over versions

@@ -29,9 +29,16 @@ def test_a_record_reads_back_what_it_writes(tmp_path):
     assert record.tasks == ["a", "b"] and record.steps == (StepRecord(0, "a", 4, 1.0, 0.5),)
     record.write(tmp_path / "result.json")
     assert TrialRecord.read(tmp_path / "result.json") == record
+    new_step_fields = {"held_out_images": 0, "update_peak_mb": None, "update_state_mb": None, "data_root": None}
     assert json.loads((tmp_path / "result.json").read_text()) == SCHEMA_2 | {
-        "steps": [SCHEMA_2["steps"][0] | {"replay_per_task": None}]
+        "steps": [SCHEMA_2["steps"][0] | {"replay_per_task": None} | new_step_fields],
+        "thresholds": None,
     }
+    drift = {"image_threshold": [[1.0, None], [1.5, 2.0]], "pixel_threshold": [[0.5, None], [0.6, 0.7]]}
+    calibrated = {"image": [1.0, 2.0], "pixel": [0.5, 0.7], "image_fpr": 0.05, "pixel_fpr": 0.01, "matrices": drift}
+    with_thresholds = TrialRecord.from_dict(SCHEMA_2 | {"thresholds": calibrated})
+    assert TrialRecord.from_text(with_thresholds.to_text()) == with_thresholds
+    assert with_thresholds.matrix_csv("image_threshold") == "after_step,a,b\na,1.000000,\nb,1.500000,2.000000\n"
 
 
 def test_a_schema_1_record_is_read_in_the_papers_units():

@@ -91,14 +91,15 @@ def test_joint_fills_only_the_last_row(builtin_cache):
     assert all(v is None for row in matrix[:-1] for v in row)
     assert all(v is not None for v in matrix[-1])
     assert result.final["forgetting_pixel_f1"] is None
-    assert result.steps[0].trained_on == "brick+hex_nut+grass" and result.steps[0].train_images == 19
+    step = result.steps[0]  # every task's images but those held out to calibrate on
+    assert step.trained_on == "brick+hex_nut+grass" and step.train_images + step.held_out_images == 19
 
 
 def test_replay_buffer_is_counted_in_memory(builtin_cache):
     result = trial(builtin_cache, strategy={"name": "replay", "replay_size": 4})
     assert result.efficiency["memory_bytes_by_part"]["replay_buffer"] == 4 * 3 * 64 * 64
     assert [s.replay_per_task for s in result.steps] == [[4], [2, 2], [2, 1, 1]]
-    assert result.steps[1].train_images == 5 + 4
+    assert result.steps[1].train_images == 5 - 1 + 4  # hex_nut's images but the one held out, and the buffer
 
 
 def test_patchcore_cl_plus_plus_routes_built_in_tasks(builtin_cache):

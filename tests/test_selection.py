@@ -114,6 +114,15 @@ def test_gflops_budget_and_minimum_image_f1(trials):
     assert list(recommend(trials, "pixel_f1", Budget(max_gflops=0.6, min_image_f1=0.8)).picks["trial"]) == [5]
 
 
+def test_update_cost_budgets_keep_only_trials_whose_updates_fit(trials):
+    trials["update_seconds"] = [5.0, 50.0, 5.0, 1.0, 2.0, 1.0, None, 1.0, None]
+    trials["update_peak_mb"] = [300.0, 100.0, 300.0, 900.0, 200.0, 50.0, None, 10.0, None]
+    rec = recommend(trials, "pixel_f1", Budget(max_update_s=10))
+    assert list(rec.picks["trial"]) == [0, 3, 5]  # trial 1 updates too slowly, trial 8 never measured its cost
+    rec = recommend(trials, "pixel_f1", Budget(max_update_s=10, max_update_mb=400))
+    assert list(rec.picks["trial"]) == [0, 5] and "updates within 400 MB of peak memory" in rec.summary()
+
+
 def test_nothing_fits(trials):
     rec = recommend(trials, "pixel_f1", Budget(max_mb=1))
     assert rec.picks.empty and "no finished trial fits" in rec.summary()

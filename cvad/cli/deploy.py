@@ -72,6 +72,8 @@ def print_export(report, record) -> None:
         f"(tolerance {report.tolerance_maps:.2g})",
         f"  latency     {report.latency_ms:8.2f} ms at batch 1 ({report.threads} threads; PyTorch here: "
         f"{report.pytorch_latency_ms:.2f} ms)",
+        f"  outputs     {', '.join(report.outputs)}"
+        + ("" if report.decides else " (no thresholds: the run was fit with calibration.holdout 0)"),
     ]
     if eff:
         lines.append(

@@ -54,8 +54,22 @@ def print_summary(result) -> None:
     typer.echo("\nFinal (average over all tasks after the last step):")
     typer.echo(f"  image F1 {fmt(final['image_f1'])}   image ROC-AUC {fmt(final['image_auroc'])}")
     typer.echo(f"  pixel F1 {fmt(final['pixel_f1'])}   pixel ROC-AUC {fmt(final['pixel_auroc'])}")
+    typer.echo(f"  pixel AUPRO (FPR <= 0.3) {fmt(final['pixel_aupro'])}")
     typer.echo(f"  forgetting (pixel F1) {fmt(final['forgetting_pixel_f1'])}")
+    if result.thresholds:
+        typer.echo(
+            f"  at the calibrated thresholds: image F1 {fmt(final['image_f1_calibrated'])}  precision "
+            f"{fmt(final['image_precision'])}  recall {fmt(final['image_recall'])}  FPR {fmt(final['image_fpr'])}"
+            f"  | pixel F1 {fmt(final['pixel_f1_calibrated'])}  (targets: {result.thresholds['image_fpr']:g} of good "
+            f"images, {result.thresholds['pixel_fpr']:g} of good pixels)"
+        )
+    else:
+        typer.echo("  no thresholds (calibration.holdout: 0): the detector returns scores and maps only")
     print_efficiency(eff)
+    typer.echo(
+        f"  largest update (a training step): {eff['update_seconds']:.2f} s, peak memory rise "
+        f"{eff['update_peak_mb']:.1f} MB, state {eff['update_state_mb']:.2f} MB"
+    )
     if eff["latency_ms"] is None:
         typer.echo("  latency not measured")
     else:

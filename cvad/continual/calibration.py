@@ -1,4 +1,4 @@
-"""Decision thresholds from defect-free images training did not see (docs/methods.md section 5).
+"""Decision thresholds from defect-free images training did not see (docs/methods.md section 8).
 
 F1-max picks its threshold on the test labels, which no device has. Here each task holds out a
 seeded share of its ``train/good`` images; after the step that learns the task, the model scores

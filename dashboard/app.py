@@ -306,12 +306,16 @@ VERSION_METRICS = ("pixel_f1", "image_f1", "pixel_aupro", "image_f1_calibrated",
 def registry_view(uri: str, metric: str) -> None:
     """A registered model's versions (one per task learned on the line): tasks added, the metric over versions,
     thresholds, forgetting and what each update cost."""
-    names = store(uri).registered_models()
+    try:
+        registry = TrackingStore(uri, must_exist=True)  # a reader: a store that is not there is not created
+        names = registry.registered_models()
+    except TrackingError:  # the store itself is missing or unreachable: the message above says so
+        return
     if not names:
         st.info("No model is registered yet: `cvad export ... --register NAME` or `cvad learn ... --register NAME`.")
         return
     name = st.selectbox("registered model", names, key="registered_model")
-    versions = version_table(store(uri), name)
+    versions = version_table(registry, name)
     if versions.empty:
         st.info(f"{name} has no versions.")
         return

@@ -123,10 +123,10 @@ def test_continual_view_opens_on_the_top_pick_with_curves_matrices_and_overlays(
     chooser = at.multiselect(key="continual_trials")
     assert chooser.value == [f"{top['name']}  #{top['trial']}"]  # not empty until the user picks
     assert not at.exception
-    assert len(at.get("plotly_chart")) == 3 + 3  # + curve, heatmap, forgetting bars
+    assert len(at.get("plotly_chart")) == 3 + 5  # + curve, heatmap, forgetting bars, update cost, threshold drift
     assert len(at.get("image")) == 4  # the overlays: 2 tasks x 2 defective images
     chooser.set_value([chooser.options[-1]]).run()
-    assert not at.exception and len(at.get("plotly_chart")) == 3 + 3
+    assert not at.exception and len(at.get("plotly_chart")) == 3 + 5
 
 
 def test_recommendation_says_how_to_deploy_each_pick(store, tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ from cvad.record import TrialRecord
 from cvad.trial import run_trial
 from support import VIT, tiny_config
 
+pytestmark = pytest.mark.slow  # every test here trains
 STRATEGIES = [{"name": "finetune"}, {"name": "replay", "replay_size": 4}]
 
 

@@ -165,6 +165,6 @@ def learn_task(
         "total": earlier.get("total", 0.0) + time.perf_counter() - started,
     }
     new_record = trial_record(config, learner, stream, device, wall)
-    present = [split for split in [*seen, new_split] if split is not None]
-    new_record = save_outputs(Path(out), new_record, learner, config, present, keep_detector=True)
+    # Overlays of the task learned only: the earlier tasks' cost a forward each and are in the source folders.
+    new_record = save_outputs(Path(out), new_record, learner, config, [new_split], keep_detector=True)
     return Learned(Path(out), new_record, task, not_evaluated)

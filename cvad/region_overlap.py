@@ -12,9 +12,10 @@ so a missed small scratch costs as much as a missed large stain.
   [0, fpr_limit], the curve interpolated linearly at fpr_limit, divided by fpr_limit.
 - None when there is no defect region or no normal pixel.
 
-Exact and vectorised: the pixels that can reach the curve below the limit are sorted by score once. A normal pixel adds 1/N_normal to
-FPR and a pixel of region r adds 1/(R·|r|) to PRO, so both curves are cumulative sums of
-those weights, read at the last pixel of each group of tied scores.
+Exact and vectorised: the pixels that can reach the curve below the limit are sorted by score
+once. A normal pixel adds 1/N_normal to FPR and a pixel of region r adds 1/(R·|r|) to PRO, so
+both curves are cumulative sums of those weights, read at the last pixel of each group of tied
+scores.
 """
 
 from __future__ import annotations

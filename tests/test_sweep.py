@@ -284,6 +284,17 @@ def test_only_the_trials_on_the_pareto_front_keep_their_fitted_detector(tmp_path
     path = client.download_artifacts(min(front), "detector.pt", str(tmp_path))
     detector = load_detector(Path(path))
     detector.model(torch.rand(1, 3, 48, 48))  # the stored file is a working detector
+    # ... that learns the next product from its run id
+    from typer.testing import CliRunner
+
+    from cvad.cli import cli
+    from cvad.record import TrialRecord
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["learn", min(front), "--task", "hex_nut", "--out", str(tmp_path / "next"), "--tracking-uri", uri]
+    learned = CliRunner().invoke(cli, args)
+    assert learned.exit_code == 0, learned.output
+    assert TrialRecord.read(tmp_path / "next" / "result.json").tasks == ["brick", "grass", "hex_nut"]
 
     # A driver killed before the end leaves files staged: --resume logs the front's, deletes the rest, and leaves
     # other sweeps' files in the same store alone.

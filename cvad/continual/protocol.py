@@ -20,7 +20,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from cvad.config import CalibrationConfig
 from cvad.continual.calibration import Thresholds, ThresholdSet, calibrate, holdout_split
 from cvad.continual.replay import ReplayBuffer
-from cvad.data.base import CategorySplit, ImageDataset
+from cvad.data.base import CategorySplit, ImageDataset, Sample
 from cvad.decision import DecisionRule
 from cvad.efficiency import memory_footprint
 from cvad.efficiency.peak import peak_rise
@@ -124,7 +124,7 @@ class Learner:
         images = sum(len(s) for s in train_sets) * 3 * size * size
         return memory_footprint(parts).total_bytes + images
 
-    def calibrate(self, samples) -> Thresholds:
+    def calibrate(self, samples: list[Sample]) -> Thresholds:
         s = self.settings
         return calibrate(self.model, samples, s.image_size, s.eval_batch_size, s.device, self.calibration)
 

@@ -45,6 +45,11 @@ class ExportSource:
         return self.detector.parent / name
 
 
+def names_a_run(source: str) -> bool:
+    """Whether a source is an MLflow run id (and no file or folder of that name): it needs the tracking store."""
+    return bool(RUN_ID.match(source)) and not Path(source).exists()
+
+
 def record_beside(path: Path) -> TrialRecord | None:
     return TrialRecord.read(path) if path.is_file() else None
 
@@ -99,8 +104,7 @@ def deploy(
     from cvad.export import export_detector, verification_images
     from cvad.tracking.registry import register_export
 
-    looks_like_run = RUN_ID.match(source) and not Path(source).exists()
-    store = TrackingStore(tracking_uri) if looks_like_run or register else None
+    store = TrackingStore(tracking_uri) if names_a_run(source) or register else None
     found = resolve_source(source, store)
     detector = load_detector(found.detector)
     say(f"cvad export: {found.detector} ({detector.model.name}, tasks {', '.join(detector.tasks)})")

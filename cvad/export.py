@@ -30,6 +30,7 @@ from cvad.catalog import config_name
 from cvad.decision import DecisionRule
 from cvad.detector import Detector
 from cvad.efficiency import time_calls
+from cvad.models.base import AnomalyOutput
 
 Format = Literal["onnx", "torchscript"]
 InputKind = Literal["uint8", "float"]
@@ -58,17 +59,16 @@ class DeployedDetector(nn.Module):
     def output_names(self) -> tuple[str, ...]:
         return OUTPUT_NAMES + (DECISION_NAMES if self.rule is not None else ())
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        pixels = images.float().div(255.0) if self.input_kind == "uint8" else images
-        out = self.model(pixels)
+    def scored(self, images: torch.Tensor) -> AnomalyOutput:
+        return self.model(images.float().div(255.0) if self.input_kind == "uint8" else images)
+
+    def outputs(self, out: AnomalyOutput) -> tuple[torch.Tensor, ...]:
         if self.rule is None:
             return out.image_scores, out.anomaly_maps
         return (out.image_scores, out.anomaly_maps, *self.rule(out))
 
-    def thresholds(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image and pixel thresholds each of ``images`` is judged by (the rule's)."""
-        pixels = images.float().div(255.0) if self.input_kind == "uint8" else images
-        return self.rule.thresholds_for(self.model(pixels))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.outputs(self.scored(images))
 
 
 @dataclass
@@ -144,12 +144,12 @@ def export_detector(
     handle, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
     os.close(handle)
     try:
-        with torch.no_grad():
-            expected = [deployed(batch) for batch in inputs.split(VERIFY_BATCH)]
-            judged_by = [deployed.thresholds(batch) for batch in inputs.split(VERIFY_BATCH)] if deployed.rule else []
+        with torch.no_grad():  # one pass per batch: the outputs and the thresholds each image is judged by
+            scored = [deployed.scored(batch) for batch in inputs.split(VERIFY_BATCH)]
+            expected = [deployed.outputs(out) for out in scored]
+            judged_by = [deployed.rule.thresholds_for(out) for out in scored] if deployed.rule else []
         example = inputs[:1].expand(2, -1, -1, -1).contiguous()  # torch.export holds a batch of 1 to size 1
         runtime = (to_onnx if fmt == "onnx" else to_torchscript)(deployed, example, Path(partial), detector)
-        runtime.output_names = deployed.output_names
         try:
             got = [runtime.run(batch) for batch in inputs.split(VERIFY_BATCH)]
         except Exception as exc:  # e.g. a batch size the graph fixed, or an op the runtime lacks
@@ -239,16 +239,15 @@ def decisions_flipped(
 class OnnxRuntime:
     """An exported ONNX file in ONNX Runtime (CPU, as many threads as torch uses here)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, output_names: tuple[str, ...]) -> None:
         import onnx
         import onnxruntime
 
+        self.output_names = output_names
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.weights_bytes = onnx_weights_bytes(onnx.load(str(path)))
-
-    output_names: tuple[str, ...] = OUTPUT_NAMES
 
     def run(self, images: torch.Tensor) -> tuple[np.ndarray, ...]:
         return tuple(self.session.run(list(self.output_names), {"images": images.numpy()}))
@@ -297,7 +296,7 @@ def to_onnx(deployed: DeployedDetector, example: torch.Tensor, path: Path, detec
             onnx_program.save(str(path))
     except Exception as exc:
         raise ExportError(f"{describe(detector)} cannot export to ONNX: {blocker(exc)}") from None
-    return OnnxRuntime(path)
+    return OnnxRuntime(path, deployed.output_names)
 
 
 def to_torchscript(

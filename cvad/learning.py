@@ -142,9 +142,7 @@ def learn_task(
     data_seconds = time.perf_counter() - started
 
     device = resolve_device(config.device)
-    settings = LoaderSettings(
-        config.dataset.image_size, config.dataset.batch_size, device, config.seed, config.dataset.eval_batch_size
-    )
+    settings = LoaderSettings.of(config, device)
     learner = Learner(
         detector.model.to(device), config.strategy.name, settings, config.calibration, detector.replay,
         detector.thresholds, FeatureStore(), progress,

@@ -36,15 +36,12 @@ def new_learner(
 ) -> Learner:
     """The configured method, untrained, on the configured strategy (a stream of ``tasks`` tasks)."""
     model = build_model(config.model.name, config.model.params, config.setup(tasks=tasks)).to(device)
-    settings = LoaderSettings(
-        config.dataset.image_size, config.dataset.batch_size, device, config.seed, config.dataset.eval_batch_size
-    )
     replay = None
     if config.strategy.name == "replay":
         replay = ReplayBuffer(config.strategy.replay_size, config.dataset.image_size, config.seed)
     return Learner(
-        model, config.strategy.name, settings, config.calibration, replay, features=features or FeatureStore(),
-        progress=progress,
+        model, config.strategy.name, LoaderSettings.of(config, device), config.calibration, replay,
+        features=features or FeatureStore(), progress=progress,
     )  # fmt: skip
 
 

@@ -34,7 +34,7 @@ def learn(
     as it was. Example: cvad learn runs/quickstart-20261203-101500 --task screw
     """
     from cvad.cli.run import ProgressPrinter, prepare_output
-    from cvad.deployment import RUN_ID, DeploymentError, resolve_source
+    from cvad.deployment import DeploymentError, names_a_run, resolve_source
     from cvad.detector import DetectorError, load_detector
     from cvad.learning import LearnError, learn_task
     from cvad.record import RecordError, RecordWriteError
@@ -42,8 +42,7 @@ def learn(
 
     uri = resolve_tracking_uri(tracking_uri, store)
     try:
-        looks_like_run = RUN_ID.match(source) and not Path(source).exists()
-        found = resolve_source(source, TrackingStore(uri) if looks_like_run else None)
+        found = resolve_source(source, TrackingStore(uri) if names_a_run(source) else None)
         detector = load_detector(found.detector)
     except (DeploymentError, DetectorError, RecordError, TrackingError) as exc:
         fail(str(exc))

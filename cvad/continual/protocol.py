@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from cvad.config import CalibrationConfig
+from cvad.config import CalibrationConfig, RunConfig
 from cvad.continual.calibration import Thresholds, ThresholdSet, calibrate, holdout_split
 from cvad.continual.replay import ReplayBuffer
 from cvad.data.base import CategorySplit, ImageDataset, Sample
@@ -43,6 +43,12 @@ class LoaderSettings:
     device: str
     seed: int
     eval_batch_size: int
+
+    @classmethod
+    def of(cls, config: RunConfig, device: str) -> LoaderSettings:
+        """A run config's loading settings on ``device``."""
+        data = config.dataset
+        return cls(data.image_size, data.batch_size, device, config.seed, data.eval_batch_size)
 
 
 def train_batches(dataset, settings: LoaderSettings, step: int) -> ImageBatches:

@@ -172,7 +172,8 @@ def config_name(config: Mapping[str, Any]) -> str:
     """How people read a configuration: 'PatchCoreCL++ 10000 + MobileNetV2, replay 40'.
 
     ``config`` is the nested run config (``RunConfig.to_dict()``, or a trial's MLflow params unflattened):
-    its ``model`` (``name``, ``params``), ``backbone.name`` and ``strategy`` (``name``, ``replay_size``).
+    its ``model`` (``name``, ``params``), ``backbone.name``, ``strategy`` (``name``, ``replay_size``) and what
+    ``compression`` does not keep as fp32 / raw.
     PaDiM is named by covariance and continual rule, PatchCore by variant and bank size, Dinomaly on
     DeiT-Tiny is Tiny-Dinomaly.
     """
@@ -195,4 +196,18 @@ def config_name(config: Mapping[str, Any]) -> str:
     rule = strategy.get("name") or ""
     if rule == "replay":
         rule = f"replay {strategy.get('replay_size', '?')}"
-    return f"{title} + {backbone_title(backbone)}, {rule}"
+    return f"{title} + {backbone_title(backbone)}, {rule}{compression_label(config.get('compression') or {})}"
+
+
+def compression_label(compression: Mapping[str, Any]) -> str:
+    """' (int8 memory, jpeg replay, int8 backbone)' for what is not stored as fp32 / raw; empty for none of it."""
+    kept = [
+        f"{compression[key]} {what}"
+        for key, what, plain in (
+            ("memory", "memory", "fp32"),
+            ("replay", "replay", "raw"),
+            ("backbone", "backbone", "fp32"),
+        )
+        if compression.get(key, plain) not in (plain, None, "None")
+    ]
+    return f" ({', '.join(kept)})" if kept else ""

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cvad import catalog
+from cvad.compression import CompressionConfig
 from cvad.data.builtin import BuiltinOptions
 from cvad.data.presets import TASK_PRESETS
 from cvad.methods.base import Setup, SetupError
@@ -144,9 +145,19 @@ class RunConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     measure_latency: bool = True
+
+    @model_validator(mode="after")
+    def jpeg_replay_needs_replay(self) -> RunConfig:
+        if self.compression.replay != "raw" and self.strategy.name != "replay":
+            raise ValueError(
+                f"compression.replay {self.compression.replay!r} applies to strategy 'replay', not "
+                f"'{self.strategy.name}': there is no buffer to compress"
+            )
+        return self
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -159,6 +170,7 @@ class RunConfig(StrictModel):
             image_size=self.dataset.image_size,
             seed=self.seed,
             tasks=self.dataset.declared_task_count() if tasks is None else tasks,
+            compression=self.compression,
         )
 
 
@@ -244,6 +256,7 @@ def validate_config(raw: dict) -> RunConfig:
         raise ConfigError(f"invalid config for model {method.name}:\n  " + "\n  ".join(lines)) from None
     try:
         method.check_setup(params, config.setup())
+        method.check_compression(params, config.setup())
     except SetupError as exc:
         raise ConfigError(
             f"invalid config for model {method.name} on backbone {config.backbone.name}:\n  {exc}"

@@ -27,14 +27,15 @@ def measure_efficiency(
     model: AnomalyModel,
     image_size: int,
     device: str,
-    replay_images: torch.Tensor | None,
+    replay: list[torch.Tensor] | None,
     rule: DecisionRule | None = None,
 ) -> dict:
     """Memory (MB = 2^20 bytes, bytes kept) by part and GFLOPs (2 x GMACs, GMACs kept) of a model, with what the
-    device keeps besides it: the replay buffer, and the thresholds it decides with."""
+    device keeps besides it: the replay buffer's stored images (``ReplayBuffer.stored``), and the thresholds it
+    decides with."""
     parts = model.stored_tensors()
-    if replay_images is not None:
-        parts["replay_buffer"] = [replay_images]
+    if replay is not None:
+        parts["replay_buffer"] = replay
     if rule is not None:
         parts["thresholds"] = rule.stored()
     memory = memory_footprint(parts)
@@ -84,10 +85,13 @@ def price_config(config: RunConfig, tasks: int | None = None) -> dict:
     model.eval()
     model.shape_as_fitted(tasks)
     replay = None
-    if config.strategy.name == "replay":
-        replay = torch.empty(config.strategy.replay_size, 3, size, size, dtype=torch.uint8)
+    if config.strategy.name == "replay":  # JPEG images too are priced at their raw size: their bytes depend on them
+        replay = [torch.empty(config.strategy.replay_size, 3, size, size, dtype=torch.uint8)]
     rule = None
     if config.calibration.enabled:  # one image and one pixel threshold per step
         steps = 1 if config.strategy.name == "joint" else tasks
         rule = DecisionRule(ThresholdSet([Thresholds(0.0, 0.0)] * steps))
-    return measure_efficiency(model, size, "cpu", replay, rule) | {"tasks": tasks}
+    priced = {"tasks": tasks}
+    if config.compression.replay == "jpeg":
+        priced["replay_priced_raw"] = True
+    return measure_efficiency(model, size, "cpu", replay, rule) | priced

@@ -122,7 +122,7 @@ def load_detector(path: Path) -> Detector:
         config,
         list(content["tasks"]),
         ThresholdSet.from_dict(content.get("thresholds") or {"image": [], "pixel": []}),
-        None if replay is None else ReplayBuffer.from_state(replay, config.seed),
+        None if replay is None else ReplayBuffer.from_state(replay, config.dataset.image_size, config.seed),
         TrialRecord.from_text(content["record"]) if content.get("record") else None,
         content["format"],
     )

@@ -142,8 +142,8 @@ def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.D
 
 
 def display_name(row: dict) -> str:
-    """'PaSTe + MobileNetV2, replay 40' from a trial row (its tags and flattened params)."""
-    config = config_of(row.get("params") or {}, ("model.", "strategy."))
+    """'PaSTe + MobileNetV2, replay 40 (jpeg replay)' from a trial row (its tags and flattened params)."""
+    config = config_of(row.get("params") or {}, ("model.", "strategy.", "compression."))
     config.setdefault("model", {})["name"] = row["model"]
     config.setdefault("backbone", {})["name"] = row["backbone"]
     config.setdefault("strategy", {})["name"] = row.get("strategy") or ""

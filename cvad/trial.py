@@ -38,7 +38,8 @@ def new_learner(
     model = build_model(config.model.name, config.model.params, config.setup(tasks=tasks)).to(device)
     replay = None
     if config.strategy.name == "replay":
-        replay = ReplayBuffer(config.strategy.replay_size, config.dataset.image_size, config.seed)
+        jpeg = config.compression.replay_quality if config.compression.replay == "jpeg" else None
+        replay = ReplayBuffer(config.strategy.replay_size, config.dataset.image_size, config.seed, jpeg)
     return Learner(
         model, config.strategy.name, LoaderSettings.of(config, device), config.calibration, replay,
         features=features or FeatureStore(), progress=progress,
@@ -50,7 +51,7 @@ def trial_record(
 ) -> TrialRecord:
     """The record of a stream learned; the update costs are the largest step's."""
     model = learner.model
-    replay = learner.replay.images if learner.replay is not None else None
+    replay = list(learner.replay.stored) if learner.replay is not None else None
     rule = learner.decision_rule()
     efficiency = measure_efficiency(model, config.dataset.image_size, device, replay, rule)
     latency = {"latency_ms": None}

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from cvad.compression import CompressionConfig
 from cvad.data.builtin import BuiltinOptions, render_image
 from cvad.models import AnomalyModel, Setup, build_model
 from cvad.models.base import ImageBatches, Task
@@ -70,10 +71,13 @@ def build(
     image_size: int = SIZE,
     weights: str = "imagenet",
     tasks: int | None = None,
+    compression: dict | None = None,
     **params,
 ) -> AnomalyModel:
-    """A registered method with ``params`` over its defaults, as a run builds it."""
-    return build_model(name, params, Setup(backbone, weights, image_size, seed, tasks))
+    """A registered method with ``params`` over its defaults, as a run builds it; ``compression`` as the config's
+    section of that name."""
+    kept = CompressionConfig(**(compression or {}))
+    return build_model(name, params, Setup(backbone, weights, image_size, seed, tasks, compression=kept))
 
 
 def as_float(images: torch.Tensor) -> torch.Tensor:

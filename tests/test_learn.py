@@ -55,7 +55,8 @@ def assert_same_detector(left, right) -> None:
     assert left.thresholds == right.thresholds
     assert (left.replay is None) == (right.replay is None)
     if left.replay is not None:
-        assert torch.equal(left.replay.images, right.replay.images)
+        assert len(left.replay.stored) == len(right.replay.stored)
+        assert all(torch.equal(a, b) for a, b in zip(left.replay.stored, right.replay.stored))  # pixels or JPEG bytes
         assert torch.equal(left.replay.task_ids, right.replay.task_ids)
 
 
@@ -85,6 +86,40 @@ def test_learning_the_next_task_equals_running_the_whole_stream(case, strategy, 
     assert (tmp_path / "first" / "result.json").read_text() == TrialRecord.read(
         tmp_path / "first" / "result.json"
     ).to_text()
+
+
+COMPRESSED = [
+    (
+        {"name": "patchcore", "params": {"continual": "cl++", "bank_size": 300}},
+        {"memory": "pq", "pq_subvectors": 8, "pq_centroids": 16, "replay": "jpeg", "backbone": "int8"},
+    ),
+    ({"name": "patchcore", "params": {"continual": "cl", "bank_size": 300}}, {"memory": "int8", "backbone": "fp16"}),
+    ({"name": "padim", "params": {"n_features": 16}}, {"memory": "fp16", "replay": "jpeg"}),
+]
+
+
+@pytest.mark.parametrize("model, compression", COMPRESSED, ids=["pq-jpeg-int8", "cl-int8-fp16", "padim-fp16-jpeg"])
+def test_a_compressed_detector_learns_the_next_task_as_the_whole_stream_does(
+    model, compression, builtin_cache, tmp_path
+):
+    def config(categories):
+        return validate_config(
+            tiny_config(
+                builtin_cache, dataset={"builtin": {"categories": categories}}, model=model,
+                strategy={"name": "replay", "replay_size": 4}, compression=compression,
+            )
+        )  # fmt: skip
+
+    whole = run_trial(config(["brick", "hex_nut"]), output_dir=tmp_path / "whole")
+    run_trial(config(["brick"]), output_dir=tmp_path / "first")
+    learned = learn_task(load_detector(tmp_path / "first" / DETECTOR_FILE), "hex_nut", tmp_path / "next")
+    assert (
+        learned.record.matrices == whole.matrices
+        and learned.record.efficiency["memory_bytes_by_part"] == (whole.efficiency["memory_bytes_by_part"])
+    )
+    assert_same_detector(
+        load_detector(tmp_path / "next" / DETECTOR_FILE), load_detector(tmp_path / "whole" / DETECTOR_FILE)
+    )
 
 
 def test_a_chain_of_learns_equals_the_run_and_leaves_each_source_as_it_was(builtin_cache, tmp_path):

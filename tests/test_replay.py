@@ -22,15 +22,15 @@ def test_buffer_stays_within_capacity_and_balanced():
         assert len(buffer) <= 10
         assert buffer.counts() == expected[t]
     # Each kept image still belongs to its task (values 10*t .. 10*t+9).
-    for image, task in zip(buffer.images, buffer.task_ids):
+    for image, task in zip(buffer.images(), buffer.task_ids):
         assert 10 * task <= int(image[0, 0, 0]) < 10 * task + 10
-    assert buffer.images.dtype == torch.uint8
+    assert buffer.images().dtype == torch.uint8
 
 
 def test_buffer_bytes_appear_in_memory_accounting():
     buffer = ReplayBuffer(capacity=40, image_size=224, seed=0)
     buffer.add_task(task_images(0, 50, size=224))
-    report = memory_footprint({"replay_buffer": [buffer.images]})
+    report = memory_footprint({"replay_buffer": buffer.stored})
     assert report.bytes_by_part["replay_buffer"] == 40 * 150_528
 
 
@@ -47,6 +47,6 @@ def test_same_seed_same_buffer_and_bad_capacity():
                 for i in range(20)
             ]
         )
-    assert torch.equal(a.images, b.images)
+    assert torch.equal(a.images(), b.images())
     with pytest.raises(ValueError, match="at least 1"):
         ReplayBuffer(0, 8, seed=0)

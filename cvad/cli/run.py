@@ -93,6 +93,10 @@ def print_efficiency(eff: dict) -> None:
     typer.echo(f"  {eff['gflops']:.3f} GFLOPs/image (2 x {eff['gmacs']:.4f} G multiply-adds)")
     if eff["uncounted_ops"]:
         typer.echo(f"  not counted (no FLOP rule): {', '.join(eff['uncounted_ops'])}")
+    if eff.get("replay_priced_raw"):
+        typer.echo(
+            "  replay_buffer priced at its raw size: a JPEG file's bytes depend on the image (a run records them)"
+        )
 
 
 @cli.command()
@@ -189,6 +193,7 @@ def cost(
 
     Example: cvad cost configs/quickstart.yaml --tasks 30 --set strategy.name=finetune
     """
+    from cvad.catalog import compression_label
     from cvad.config import load_config
     from cvad.cost import price_config
 
@@ -201,7 +206,7 @@ def cost(
         typer.echo(json.dumps(eff, indent=1))
         return
     typer.echo(
-        f"{cfg.model.name} on {cfg.backbone.name} at {cfg.dataset.image_size} px, strategy {cfg.strategy.name}, "
-        f"after {eff['tasks']} task(s):"
+        f"{cfg.model.name} on {cfg.backbone.name} at {cfg.dataset.image_size} px, strategy {cfg.strategy.name}"
+        f"{compression_label(cfg.compression.model_dump())}, after {eff['tasks']} task(s):"
     )
     print_efficiency(eff)

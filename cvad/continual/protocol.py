@@ -125,7 +125,7 @@ class Learner:
         and the step's training images at input size, as uint8."""
         parts = self.model.stored_tensors()
         if self.replay is not None:
-            parts["replay_buffer"] = [self.replay.images]
+            parts["replay_buffer"] = list(self.replay.stored)
         size = self.settings.image_size
         images = sum(len(s) for s in train_sets) * 3 * size * size
         return memory_footprint(parts).total_bytes + images

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cvad.catalog import resolve_layers
+from cvad.compression import CompressionConfig
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Setup:
     image_size: int = 224  # square input side, px
     seed: int = 0
     tasks: int | None = None  # tasks in the stream when known before the data is read (stored state may depend on it)
+    compression: CompressionConfig = CompressionConfig()  # how stored state and backbone weights are kept
 
 
 class SetupError(ValueError):
@@ -91,6 +93,21 @@ class MethodSpec:
     # and per backbone the settings the paper's efficiency figures imply (cvad.methods.paper).
     PAPER_TRAINING: ClassVar[dict] = {}
     PAPER_CONFIG: ClassVar[dict[str, dict]] = {}
+    # The ``compression.memory`` formats its stored state can be kept in, and why no other (docs/methods.md section 9).
+    MEMORY_FORMATS: ClassVar[tuple[str, ...]] = ("fp32",)
+    MEMORY_LIMIT: ClassVar[str] = (
+        "what it stores besides the backbone is trained network weights, used as they were trained"
+    )
+
+    @classmethod
+    def check_compression(cls, params: MethodParams, setup: Setup) -> None:
+        """Raise :class:`SetupError` if the method cannot keep its stored state as ``setup.compression`` asks."""
+        memory = setup.compression.memory
+        if memory not in cls.MEMORY_FORMATS:
+            raise SetupError(
+                f"{cls.name}: compression.memory {memory!r} is not available: {cls.MEMORY_LIMIT}; it keeps its "
+                f"state as {', '.join(cls.MEMORY_FORMATS)} (compression.backbone compresses any method's backbone)"
+            )
 
     @classmethod
     def check_setup(cls, params: MethodParams, setup: Setup) -> None:

@@ -34,6 +34,7 @@ class CFAParams(TrainingParams):
 
 class CFASpec(MethodSpec):
     name = "cfa"
+    MEMORY_FORMATS = ("fp32", "fp16", "int8")
     Params = CFAParams
     PAPER_TRAINING: ClassVar[dict] = {
         "optimizer": "adamw",

@@ -22,6 +22,11 @@ class PaDiMParams(MethodParams):
 
 class PaDiMSpec(MethodSpec):
     name = "padim"
+    MEMORY_FORMATS = ("fp32", "fp16")
+    MEMORY_LIMIT = (
+        "its variances and inverse-covariance factors span orders of magnitude across positions, so one 8-bit "
+        "scale per feature would leave the smallest a few levels"
+    )
     Params = PaDiMParams
     PAPER_CONFIG = {backbone: {"layers": layers} for backbone, layers in DESCRIPTOR_LAYERS.items()}
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cvad.catalog import Layers
+from cvad.catalog import Layers, resolve_layers, taps
 from cvad.methods.base import MethodParams, MethodSpec, Setup, SetupError, feature_layers
 from cvad.methods.paper import DESCRIPTOR_LAYERS
 
@@ -40,6 +40,24 @@ class PatchCoreSpec(MethodSpec):
     PAPER_CONFIG = {
         backbone: {"layers": layers, "prototype": "pooled"} for backbone, layers in DESCRIPTOR_LAYERS.items()
     }
+
+    MEMORY_FORMATS = ("fp32", "fp16", "int8", "pq")
+
+    @classmethod
+    def check_compression(cls, params: PatchCoreParams, setup: Setup) -> None:
+        """Product quantization cuts each descriptor into equal sub-vectors."""
+        super().check_compression(params, setup)
+        compression = setup.compression
+        if compression.memory != "pq":
+            return
+        width = sum(taps(setup.backbone)[i].channels for i in resolve_layers(setup.backbone, tuple(params.layers)))
+        if width % compression.pq_subvectors:
+            fitting = [m for m in (4, 8, 16, 32, 64) if width % m == 0]
+            raise SetupError(
+                f"patchcore: compression.pq_subvectors {compression.pq_subvectors} does not divide the "
+                f"{width} features of a descriptor ({setup.backbone}, layers {list(params.layers)}); "
+                f"choose one that does: {', '.join(map(str, fitting)) or 'a divisor of ' + str(width)}"
+            )
 
     @classmethod
     def check_setup(cls, params: PatchCoreParams, setup: Setup) -> None:

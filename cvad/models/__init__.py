@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from cvad.models.base import AnomalyModel, AnomalyOutput, MethodParams, Setup, SetupError, Task
 from cvad.models.cfa import CFA
+from cvad.models.components.stored import store_weights
 from cvad.models.dinomaly import Dinomaly
 from cvad.models.padim import PaDiM
 from cvad.models.paste import PaSTe
@@ -19,11 +20,15 @@ for method in (PaDiM, PatchCore, STFPM, PaSTe, SimpleNet, CFA, Dinomaly):
 
 
 def build_model(name: str, params: dict | MethodParams, setup: Setup) -> AnomalyModel:
-    """Instantiate a registered method with validated parameters on ``setup``."""
+    """Instantiate a registered method with validated parameters on ``setup``, its frozen backbone's weights kept as
+    ``setup.compression.backbone`` says."""
     cls = METHODS.get(name)
     if not isinstance(params, MethodParams):
         params = cls.Params(**params)
-    return cls(params, setup)
+    model = cls(params, setup)
+    for extractor in model.frozen_extractors().values():
+        store_weights(extractor, setup.compression.backbone)
+    return model
 
 
 __all__ = ["METHODS", "AnomalyModel", "AnomalyOutput", "MethodParams", "Setup", "SetupError", "Task", "build_model"]

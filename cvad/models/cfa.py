@@ -38,6 +38,7 @@ from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, Task
 from cvad.models.components.coreset import greedy_k_center
 from cvad.models.components.frozen import FrozenOutputs, extractor_digest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
+from cvad.models.components.stored import StoredMatrix, codec_for
 from cvad.models.components.training import make_optimizer, train_loop
 from cvad.runtime import step_seed
 
@@ -66,7 +67,8 @@ class CFA(CFASpec, AnomalyModel):
             torch.manual_seed(setup.seed)
             self.descriptor = CoordConvDescriptor(sum(self.backbone.channels))
         self.head = AnomalyMapHead(setup.image_size, params.blur_sigma)
-        self.register_buffer("memory", torch.zeros(0))
+        # The memory, kept as the run's compression.memory says (buffer "memory", plus its scales under int8).
+        self.stored_memory = StoredMatrix(self, "memory", codec_for(setup.compression.memory))
         self.loss_history: list[list[float]] = []
 
     def describe(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -88,14 +90,16 @@ class CFA(CFASpec, AnomalyModel):
         keep = self.memory_entries(len(memory))
         if keep < len(memory):
             memory = memory.index_select(0, greedy_k_center(memory, keep, seed=self.setup.seed, projection_dim=None))
-        self.memory = memory.contiguous()
+        self.stored_memory.put(self.stored_memory.codec.encode(memory))
 
     @torch.no_grad()
     def shape_as_fitted(self, tasks: int) -> None:
         """A memory of the size one build leaves (it is rebuilt per task, so ``tasks`` does not change it)."""
         probe = torch.zeros(1, 3, self.head.image_size, self.head.image_size, device=self.head.blur.kernel.device)
         features, _ = self.describe(self.backbone(probe))
-        self.memory = features.new_zeros(self.memory_entries(features.shape[1]), features.shape[-1])
+        self.stored_memory.put(
+            self.stored_memory.codec.zeros(self.memory_entries(features.shape[1]), features.shape[-1], features)
+        )
 
     def memory_entries(self, positions: int) -> int:
         """Entries kept of a memory with one per grid position: 1 in ``compression``."""
@@ -103,8 +107,9 @@ class CFA(CFASpec, AnomalyModel):
 
     def nearest_distances(self, features: torch.Tensor, count: int) -> torch.Tensor:
         """Squared distances of [B, P, d] features to their ``count`` nearest memory entries, ascending."""
-        distances = torch.cdist(features, self.memory.unsqueeze(0).expand(features.shape[0], -1, -1)).pow(2)
-        return distances.topk(min(count, len(self.memory)), dim=-1, largest=False).values
+        memory = self.stored_memory.decoded()
+        distances = torch.cdist(features, memory.unsqueeze(0).expand(features.shape[0], -1, -1)).pow(2)
+        return distances.topk(min(count, len(memory)), dim=-1, largest=False).values
 
     def fit_task(self, task: Task) -> None:
         sampler = torch.Generator().manual_seed(step_seed(self.setup.seed, task.index))
@@ -130,7 +135,7 @@ class CFA(CFASpec, AnomalyModel):
         self.loss_history.append(train_loop(self, task, optimizer, loss_of))
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        if self.memory.numel() == 0:
+        if self.stored_memory.empty:
             raise RuntimeError("CFA has not been fitted on any task yet")
         features, grid = self.describe(self.backbone(images))
         nearest = self.nearest_distances(features, self.params.k)
@@ -144,6 +149,6 @@ class CFA(CFASpec, AnomalyModel):
         return {
             "backbone": list(self.backbone.parameters()) + list(self.backbone.buffers()),
             "descriptor": list(self.descriptor.parameters()),
-            "memory_bank": [self.memory],
+            "memory_bank": self.stored_memory.tensors(),
             "map_head": list(self.head.buffers()),
         }

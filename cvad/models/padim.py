@@ -53,6 +53,8 @@ class PaDiM(PaDiMSpec, AnomalyModel):
         self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))
         self.register_buffer("means", torch.zeros(0))
         self.register_buffer("shapes", torch.zeros(0))  # whitening factors (full) or variances (diagonal)
+        # Means and shapes are kept as compression.memory says (fp32 or fp16) and scored in float32.
+        self.stored_dtype = torch.float16 if setup.compression.memory == "fp16" else torch.float32
 
     @property
     def diagonal(self) -> bool:
@@ -93,8 +95,8 @@ class PaDiM(PaDiMSpec, AnomalyModel):
         modes = tasks if self.params.continual == "multimodal" else 1
         shape = (modes, positions, dim) if self.diagonal else (modes, positions, dim, dim)
         self.counts = self.counts.new_ones(modes)
-        self.means = torch.zeros(modes, positions, dim, device=self.channel_index.device)
-        self.shapes = torch.zeros(shape, device=self.channel_index.device)
+        self.means = torch.zeros(modes, positions, dim, device=self.channel_index.device, dtype=self.stored_dtype)
+        self.shapes = torch.zeros(shape, device=self.channel_index.device, dtype=self.stored_dtype)
         self.tasks_merged.fill_(1 if self.params.continual == "refit" else tasks)
 
     def stored_modes(self) -> list[GaussianStats]:
@@ -119,13 +121,14 @@ class PaDiM(PaDiMSpec, AnomalyModel):
                 shape.copy_(mode.unbiased_cov())
             else:
                 whitening_factor(mode, eps, out=shape)
+        self.means, self.shapes = self.means.to(self.stored_dtype), self.shapes.to(self.stored_dtype)
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if self.counts.numel() == 0:
             raise RuntimeError("PaDiM has not been fitted on any task yet")
         x, grid = self.embed(images)
         distances = []
-        for mean, shape in zip(self.means, self.shapes):
+        for mean, shape in zip(self.means.float(), self.shapes.float()):
             if self.diagonal:
                 distances.append(mahalanobis_diagonal(x, mean, shape, self.params.epsilon))
             else:

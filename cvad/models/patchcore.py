@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from cvad.backbones import FeatureExtractor
 from cvad.methods.patchcore import PatchCoreParams, PatchCoreSpec
-from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, Task, TensorList
+from cvad.models.base import AnomalyModel, AnomalyOutput, Setup, Task
 from cvad.models.components.coreset import DISTANCE_BLOCK, greedy_k_center, nearest
 from cvad.models.components.maps import AnomalyMapHead, concat_at_first_grid
+from cvad.models.components.stored import StoredMatrix, StoredRows, codec_for
 
 
 class PatchCore(PatchCoreSpec, AnomalyModel):
@@ -33,8 +34,14 @@ class PatchCore(PatchCoreSpec, AnomalyModel):
         super().__init__(params, setup)
         self.backbone = FeatureExtractor(setup.backbone, params.layers, setup.weights)
         self.head = AnomalyMapHead(setup.image_size, params.blur_sigma)
-        self.banks = TensorList()  # one per task (or one), rows in greedy k-center order
-        self.register_buffer("prototypes", None)  # [T, C, h, w] or [T, C] (pooled), cl++ only
+        compression = setup.compression
+        codec = codec_for(compression.memory, compression.pq_subvectors, compression.pq_centroids)
+        # One bank per task (or one), rows in greedy k-center order, kept as compression.memory says.
+        self.banks = StoredRows(codec)
+        # cl++ only: a row per task (the mean deepest map, flattened, or its spatial average); int8 under pq.
+        self.stored_prototypes = StoredMatrix(
+            self, "prototypes", codec_for("int8" if compression.memory == "pq" else compression.memory, per="row")
+        )
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
         """Patch descriptors [B, P, D] (3x3-averaged, concatenated levels), their grid, and each image's
@@ -62,24 +69,28 @@ class PatchCore(PatchCoreSpec, AnomalyModel):
         pool = torch.cat(descriptors)
         seed = self.setup.seed * 1000 + task.index
         mode = self.params.continual
+        codec = self.banks.codec  # each bank is coded once, from its task's patches (a pq codebook is fit on them)
         if mode == "refit":
             size = self.budget(1, len(pool))
-            self.banks.assign([pool[greedy_k_center(pool, size, seed=seed, projection_dim=self.params.projection_dim)]])
+            chosen = pool[greedy_k_center(pool, size, seed=seed, projection_dim=self.params.projection_dim)]
+            self.banks.assign_stored([codec.encode(chosen, fit=pool, seed=seed)])
             return
         per_task = self.budget(len(self.banks) + 1, len(pool))
         if per_task < 1:
             raise ValueError(f"bank_size {self.params.bank_size} leaves no room for task {len(self.banks) + 1}")
         if mode == "cl":
-            kept = [
-                bank[greedy_k_center(bank, per_task, seed=seed + i, projection_dim=self.params.projection_dim)]
+            kept = [  # rows picked on the decoded bank, their stored codes kept as they are
+                codec.take(
+                    self.banks.stored(i),
+                    greedy_k_center(bank, per_task, seed=seed + i, projection_dim=self.params.projection_dim),
+                )
                 for i, bank in enumerate(self.banks)
             ]
         else:  # cl++: the greedy order makes truncation a k-center reduction
-            kept = [bank[:per_task].clone() for bank in self.banks]
-            prototype = (deep_sum / images).unsqueeze(0)
-            self.prototypes = prototype if self.prototypes is None else torch.cat([self.prototypes, prototype])
+            kept = [codec.take(self.banks.stored(i), slice(0, per_task)) for i in range(len(self.banks))]
+            self.stored_prototypes.append((deep_sum / images).flatten().unsqueeze(0))
         new = pool[greedy_k_center(pool, per_task, seed=seed, projection_dim=self.params.projection_dim)]
-        self.banks.assign([*kept, new])
+        self.banks.assign_stored([*kept, codec.encode(new, fit=pool, seed=seed)])
 
     @torch.no_grad()
     def shape_as_fitted(self, tasks: int) -> None:
@@ -91,19 +102,20 @@ class PatchCore(PatchCoreSpec, AnomalyModel):
         probe = torch.zeros(1, 3, self.head.image_size, self.head.image_size, device=self.head.blur.kernel.device)
         patches, _, deep = self.features(probe)
         dim = patches.shape[-1]
+        codec = self.banks.codec
         if self.params.continual == "refit":
-            self.banks.assign([patches.new_zeros(self.params.bank_size, dim)])
+            self.banks.assign_stored([codec.zeros(self.params.bank_size, dim, patches)])
             return
         per_task = self.budget(tasks, self.params.bank_size)
         if per_task < 1:
             raise ValueError(f"bank_size {self.params.bank_size} leaves no room for {tasks} tasks")
-        self.banks.assign([patches.new_zeros(per_task, dim) for _ in range(tasks)])
+        self.banks.assign_stored([codec.zeros(per_task, dim, patches) for _ in range(tasks)])
         if self.params.continual == "cl++":
-            self.prototypes = deep.new_zeros(tasks, *deep.shape[1:])
+            self.stored_prototypes.put(self.stored_prototypes.codec.zeros(tasks, deep[0].numel(), deep))
 
     def route(self, deep: torch.Tensor) -> torch.Tensor:
         """CL++: each image's task [B], its nearest prototype (argmin of |p|^2 - 2 x.p = squared distance - |x|^2)."""
-        prototypes = self.prototypes.flatten(1)
+        prototypes = self.stored_prototypes.decoded().flatten(1)
         return torch.addmm(prototypes.square().sum(dim=1), deep.flatten(1), prototypes.T, alpha=-2).argmin(dim=1)
 
     def score_bank(self, patches: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +183,7 @@ class PatchCore(PatchCoreSpec, AnomalyModel):
         mode = self.params.continual
         if mode == "cl++":
             routes = self.route(deep)
-            if len({len(bank) for bank in self.banks}) == 1:
+            if len({self.banks.rows(i) for i in range(len(self.banks))}) == 1:
                 patch_scores, image_scores = self.score_routed(patches, routes)
             else:  # a task with fewer patches than B/T left a smaller bank: score each route's images apart
                 patch_scores = patches.new_empty(patches.shape[:2])
@@ -193,9 +205,9 @@ class PatchCore(PatchCoreSpec, AnomalyModel):
     def stored_tensors(self) -> dict[str, list[torch.Tensor]]:
         parts = {
             "backbone": list(self.backbone.parameters()) + list(self.backbone.buffers()),
-            "memory_bank": list(self.banks),
+            "memory_bank": self.banks.stored_tensors(),
             "map_head": list(self.head.buffers()),
         }
-        if self.prototypes is not None:
-            parts["prototypes"] = [self.prototypes]
+        if not self.stored_prototypes.empty:
+            parts["prototypes"] = self.stored_prototypes.tensors()
         return parts

@@ -7,8 +7,9 @@ Per stream, each a `cvad run` in this process, one after another:
 1. PatchCoreCL++ 10000 with its banks kept as fp32, int8 and pq (``compression.memory``): the bank's
    stored bytes (codes, scales, codebooks) and the final pixel F1; targets int8 <= 0.26 x the fp32
    bank with pixel F1 within 0.005, pq <= 0.1 x with pixel F1 within 0.02;
-2. PaSTe with a 40-image replay buffer kept raw and as JPEG (``compression.replay``, default quality):
-   the buffer's stored bytes and the final pixel F1; target <= 0.2 x the raw buffer, pixel F1 within 0.02;
+2. PaSTe with a 40-image replay buffer kept raw and as JPEG (``compression.replay``, default quality),
+   seeds 0 and 1 (a trained method's pixel F1 moves with the seed): the buffer's stored bytes and the
+   final pixel F1; target <= 0.2 x the raw buffer, pixel F1 within 0.02 (mean over the seeds);
 3. the fp32 PatchCoreCL++ detector exported by `cvad export --precision int8` (ONNX Runtime static
    quantization, verified on the run's test images) against its own fp32 export: batch-1 latency and
    the largest per-task image ROC-AUC drop; target >= 1.5 x faster, drop <= 0.01.
@@ -30,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cvad.compression import CompressionConfig
 from cvad.config import validate_config
 from cvad.trial import run_trial
 
@@ -39,6 +41,7 @@ STREAMS = {
 }
 PATCHCORE = {"model": {"name": "patchcore", "params": {"continual": "cl++", "bank_size": 10000}}}
 PASTE = {"model": {"name": "paste"}, "strategy": {"name": "replay", "replay_size": 40}}
+REPLAY_SEEDS = (0, 1)
 TARGETS = {
     "int8": (0.26, 0.005),  # bank bytes ratio at most, pixel F1 drop at most
     "pq": (0.1, 0.02),
@@ -49,9 +52,10 @@ TARGETS = {
 }
 
 
-def run_config(stream: str, cache: Path, features: Path, out: Path, compression: dict, method: dict):
+def run_config(stream: str, cache: Path, features: Path, out: Path, compression: dict, method: dict, seed: int = 0):
     """A TrialRecord of one configuration on one stream, and the seconds it took."""
     raw = {
+        "seed": seed,
         "dataset": {"image_size": 224, "cache_dir": str(cache), **STREAMS[stream]},
         "backbone": {"name": "mobilenetv2_100"},
         "strategy": {"name": "finetune"},
@@ -88,18 +92,24 @@ def memory_figures(stream: str, cache: Path, work: Path) -> tuple[list[str], Pat
             f"{record.final['pixel_f1']:.4f}, drop {drop:+.4f} (target <= {max_drop}) ({seconds:.0f} s): "
             f"{verdict(ratio <= max_ratio and drop <= max_drop)}"
         )
-    raw_record, raw_s = run_config(stream, cache, features, work / f"{stream}-paste-raw", {}, PASTE)
-    jpeg_record, jpeg_s = run_config(stream, cache, features, work / f"{stream}-paste-jpeg", {"replay": "jpeg"}, PASTE)
-    raw_bytes = raw_record.efficiency["memory_bytes_by_part"]["replay_buffer"]
-    jpeg_bytes = jpeg_record.efficiency["memory_bytes_by_part"]["replay_buffer"]
-    ratio, drop = jpeg_bytes / raw_bytes, raw_record.final["pixel_f1"] - jpeg_record.final["pixel_f1"]
+    raw_bytes, jpeg_bytes, drops = 0, 0, []
+    for seed in REPLAY_SEEDS:  # a trained method's pixel F1 moves with the seed: the drop is a mean over seeds
+        raw, raw_s = run_config(stream, cache, features, work / f"{stream}-paste-raw-{seed}", {}, PASTE, seed)
+        jpeg, jpeg_s = run_config(stream, cache, features, work / f"{stream}-paste-jpeg-{seed}", {"replay": "jpeg"},
+                                  PASTE, seed)  # fmt: skip
+        raw_bytes = raw.efficiency["memory_bytes_by_part"]["replay_buffer"]
+        jpeg_bytes = max(jpeg_bytes, jpeg.efficiency["memory_bytes_by_part"]["replay_buffer"])
+        drops.append(raw.final["pixel_f1"] - jpeg.final["pixel_f1"])
+        lines.append(
+            f"  PaSTe replay 40, seed {seed}: raw buffer {raw_bytes:,} B, pixel F1 {raw.final['pixel_f1']:.4f} "
+            f"({raw_s:.0f} s); jpeg buffer {jpeg.efficiency['memory_bytes_by_part']['replay_buffer']:,} B, "
+            f"pixel F1 {jpeg.final['pixel_f1']:.4f} ({jpeg_s:.0f} s)"
+        )
+    ratio, drop = jpeg_bytes / raw_bytes, sum(drops) / len(drops)
     max_ratio, max_drop = TARGETS["jpeg"]
     lines.append(
-        f"  PaSTe replay 40 raw buffer: {raw_bytes:,} B, pixel F1 {raw_record.final['pixel_f1']:.4f} ({raw_s:.0f} s)"
-    )
-    lines.append(
-        f"  jpeg buffer: {jpeg_bytes:,} B = {ratio:.3f} x raw (target <= {max_ratio}), pixel F1 "
-        f"{jpeg_record.final['pixel_f1']:.4f}, drop {drop:+.4f} (target <= {max_drop}) ({jpeg_s:.0f} s): "
+        f"  jpeg buffer (quality {CompressionConfig().replay_quality}): at most {ratio:.3f} x raw (target <= "
+        f"{max_ratio}), pixel F1 drop {drop:+.4f} averaged over seeds {list(REPLAY_SEEDS)} (target <= {max_drop}): "
         f"{verdict(ratio <= max_ratio and drop <= max_drop)}"
     )
     return lines, work / f"{stream}-patchcore-fp32"
@@ -117,7 +127,7 @@ def exported(run: Path, precision: str) -> dict:
 def export_figures(run: Path) -> list[str]:
     report = exported(run, "int8")
     speedup = report["fp32_latency_ms"] / report["latency_ms"]
-    drop = max(task["image_auroc_drop"] for task in report["accuracy"])
+    drop = max(task["drop"]["image_auroc"] for task in report["accuracy"])
     ok = speedup >= TARGETS["export_speedup"] and drop <= TARGETS["export_auroc_drop"]
     return [
         f"  int8 ONNX export: {report['file_bytes']:,} B ({report['file_bytes'] / report['fp32_file_bytes']:.3f} x "

@@ -31,7 +31,7 @@ class CompressionConfig(BaseModel):
     )
     pq_centroids: int = Field(256, ge=2, le=256, description="pq: centroids per sub-vector codebook (codes are 1 B)")
     replay: ReplayFormat = Field("raw", description="replay buffer images: raw uint8 pixels, or JPEG bytes")
-    replay_quality: int = Field(75, ge=1, le=100, description="jpeg: the encoder's quality")
+    replay_quality: int = Field(95, ge=1, le=100, description="jpeg: the encoder's quality (1-100)")
     backbone: WeightFormat = Field(
         "fp32",
         description="the frozen backbone's weights: fp32; fp16; int8 (weight-only, per output channel); "

@@ -38,8 +38,10 @@ class ExportSource:
     run_id: str | None = None
     keep: tempfile.TemporaryDirectory | None = None  # downloaded artifacts live as long as the source
 
-    def default_output(self, fmt: str) -> Path:
-        name = f"detector.{'onnx' if fmt == 'onnx' else 'torchscript.pt'}"
+    def default_output(self, fmt: str, precision: str = "fp32") -> Path:
+        """detector.onnx, or detector.int8.onnx at another precision, so that it stands beside the fp32 file."""
+        tag = "" if precision == "fp32" else f"{precision}."
+        name = f"detector.{tag}{'onnx' if fmt == 'onnx' else 'torchscript.pt'}"
         if self.run_id is not None:
             return Path("runs") / "exports" / self.run_id / name
         return self.detector.parent / name
@@ -98,18 +100,34 @@ def deploy(
     register: str | None,
     tracking_uri: str,
     say=print,
+    precision: str = "fp32",
+    max_drop: float | None = None,
 ) -> Deployment:
-    """Export a source's detector, verify it, write its report beside it, log it on its run, register it."""
+    """Export a source's detector at ``precision``, verify it (fp16/int8: no task's image ROC-AUC down by more than
+    ``max_drop``, default ``cvad.export.MAX_DROP``), write its report beside it, log it on its run, register it."""
     from cvad.detector import load_detector
-    from cvad.export import export_detector, verification_images
+    from cvad.export import MAX_DROP, check_export_options, export_detector, learned_splits, verification_images
     from cvad.tracking.registry import register_export
 
+    max_drop = MAX_DROP if max_drop is None else max_drop
+    check_export_options(file_format, precision, max_drop)
     store = TrackingStore(tracking_uri) if names_a_run(source) or register else None
     found = resolve_source(source, store)
     detector = load_detector(found.detector)
     say(f"cvad export: {found.detector} ({detector.model.name}, tasks {', '.join(detector.tasks)})")
-    images = verification_images(detector)
-    report = export_detector(detector, file_format, out or found.default_output(file_format), images, input_kind)
+    out = out or found.default_output(file_format, precision)
+    if precision == "fp32":
+        images = verification_images(detector)
+        report = export_detector(detector, file_format, out, images, input_kind)
+    else:
+        from cvad.export_precision import calibration_images, export_reduced, task_test_sets
+
+        splits, size = learned_splits(detector), detector.config.dataset.image_size
+        test_sets = task_test_sets(splits, size)
+        images = test_sets[0].images
+        report = export_reduced(
+            detector, out, precision, test_sets, calibration_images(splits, size), input_kind, max_drop
+        )
     if found.run_id is not None and store is not None:  # beside memory_mb, gflops and latency_ms on the run
         store.log_metrics(found.run_id, report.metrics())
     Path(f"{report.path}.json").write_text(json.dumps(report.as_dict(), indent=1))

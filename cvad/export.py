@@ -8,7 +8,8 @@ with calibrated thresholds the decision too (``cvad.decision``): ``is_defect [B]
 runs on the run's own test images in its own runtime (ONNX Runtime, or the loaded TorchScript
 module) and its outputs are compared with PyTorch's; a score over the tolerance, or a decision that
 differs where PyTorch's score is not within that tolerance of its threshold, fails the export and
-writes nothing.
+writes nothing. That is the fp32 export; ONNX files at fp16 or int8 (``cvad.export_precision``) are judged by
+each task's accuracy instead.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import os
 import re
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 import torch
@@ -32,9 +34,16 @@ from cvad.detector import Detector
 from cvad.efficiency import time_calls
 from cvad.models.base import AnomalyOutput
 
+if TYPE_CHECKING:
+    from cvad.data.base import CategorySplit
+    from cvad.export_precision import TaskAccuracy
+
 Format = Literal["onnx", "torchscript"]
 InputKind = Literal["uint8", "float"]
+Precision = Literal["fp32", "fp16", "int8"]
 FORMATS: tuple[str, ...] = get_args(Format)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+MAX_DROP = 0.01  # fp16/int8: the largest image ROC-AUC drop per task, from the fp32 PyTorch model's, accepted
 OUTPUT_NAMES = ("image_scores", "anomaly_maps")
 DECISION_NAMES = ("is_defect", "defect_masks")  # a detector with thresholds also returns these
 RELATIVE_TOLERANCE = 1e-3  # of the largest |value| PyTorch gives on the checked images, per output
@@ -85,40 +94,89 @@ class ExportReport:
     images_checked: int
     max_abs_diff_scores: float
     max_abs_diff_maps: float
-    tolerance_scores: float
-    tolerance_maps: float
+    tolerance_scores: float | None  # None at fp16/int8: the accuracy check replaces the elementwise one
+    tolerance_maps: float | None
     latency_ms: float  # the exported file in its runtime, batch 1, median
     latency_iqr_ms: float
     pytorch_latency_ms: float  # the PyTorch model, same images, same machine, same threads
     threads: int
     outputs: tuple[str, ...] = OUTPUT_NAMES  # with DECISION_NAMES when the detector has calibrated thresholds
+    precision: str = "fp32"  # fp16: float16 weights computed in float32; int8: the backbone quantized
+    # fp16/int8 only (``cvad.export_precision``): the accuracy check, and the fp32 ONNX file it stands beside.
+    max_drop: float | None = None
+    accuracy: list[TaskAccuracy] = field(default_factory=list)  # per task, on all its test images
+    decisions_differ: int | None = None  # test images the file decides otherwise than PyTorch (with thresholds)
+    quantized_nodes: int | None = None  # int8: backbone convolutions and matrix products computed in int8
+    calibration_images: int | None = None  # int8: training images the activation ranges were calibrated on
+    fp32_file_bytes: int | None = None
+    fp32_latency_ms: float | None = None  # batch 1, median, timed beside latency_ms
 
     @property
     def decides(self) -> bool:
         return DECISION_NAMES[0] in self.outputs
 
+    @property
+    def size_vs_fp32(self) -> float | None:
+        return self.file_bytes / self.fp32_file_bytes if self.fp32_file_bytes else None
+
+    @property
+    def speedup_vs_fp32(self) -> float | None:
+        return self.fp32_latency_ms / self.latency_ms if self.fp32_latency_ms else None
+
+    def worst_drop(self, metric: str) -> float | None:
+        """The largest drop of ``metric`` over the tasks (None without an accuracy check or where undefined)."""
+        drops = [task.drop[metric] for task in self.accuracy if task.drop[metric] is not None]
+        return max(drops, default=None)
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"size_vs_fp32": self.size_vs_fp32, "speedup_vs_fp32": self.speedup_vs_fp32}
 
     def metrics(self) -> dict[str, float]:
-        """What is logged on the trial's MLflow run, beside memory_mb, gflops and latency_ms."""
-        prefix = f"export_{self.format}"
-        return {
-            f"{prefix}_mb": self.file_mb,
-            f"{prefix}_latency_ms": self.latency_ms,
-            f"{prefix}_max_abs_diff_scores": self.max_abs_diff_scores,
-            f"{prefix}_max_abs_diff_maps": self.max_abs_diff_maps,
+        """What is logged on the trial's MLflow run, beside memory_mb, gflops and latency_ms; keyed by format and
+        precision (fp32 keeps the bare format), so that one run's exports at several precisions stand side by side."""
+        prefix = f"export_{self.format}" + ("" if self.precision == "fp32" else f"_{self.precision}")
+        figures = {
+            "mb": self.file_mb,
+            "latency_ms": self.latency_ms,
+            "max_abs_diff_scores": self.max_abs_diff_scores,
+            "max_abs_diff_maps": self.max_abs_diff_maps,
+            "image_auroc_drop_max": self.worst_drop("image_auroc"),
+            "pixel_auroc_drop_max": self.worst_drop("pixel_auroc"),
+            "size_vs_fp32": self.size_vs_fp32,
+            "speedup_vs_fp32": self.speedup_vs_fp32,
         }
+        return {f"{prefix}_{name}": value for name, value in figures.items() if value is not None}
+
+
+def check_export_options(fmt: str, precision: str, max_drop: float) -> None:
+    """Refuse a format, precision or accepted drop this module cannot honour, before any work."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if fmt != "onnx" and precision != "fp32":
+        raise ExportError(f"a {fmt} export is fp32 only; precision {precision} needs the onnx format")
+    if not max_drop >= 0:  # NaN too
+        raise ExportError(
+            f"max drop {max_drop} is not a drop: give the largest image ROC-AUC drop per task to accept, "
+            f"0 or more (default {MAX_DROP})"
+        )
+
+
+def learned_splits(detector: Detector) -> list[CategorySplit]:
+    """The dataset splits of the tasks the detector learned, in task order."""
+    from cvad.data import load_task_stream
+
+    return load_task_stream(detector.config.dataset.model_copy(update={"tasks": detector.tasks})).splits
 
 
 def verification_images(detector: Detector, per_task: int = 4) -> torch.Tensor:
     """Up to ``per_task`` test images of every task the detector learned (good and defective alternating), uint8."""
-    from cvad.data import load_task_stream
     from cvad.data.base import read_rgb
 
     size = detector.config.dataset.image_size
     images = []
-    for split in load_task_stream(detector.config.dataset.model_copy(update={"tasks": detector.tasks})).splits:
+    for split in learned_splits(detector):
         good = [s for s in split.test if s.label == 0]
         bad = [s for s in split.test if s.label == 1]
         mixed = [s for pair in zip(bad, good) for s in pair] + bad[len(good) :] + good[len(bad) :]
@@ -140,16 +198,13 @@ def export_detector(
     deployed = DeployedDetector(detector.model.eval(), input_kind, detector.decision_rule()).eval()
     inputs = images if input_kind == "uint8" else images.float() / 255
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    os.close(handle)
-    try:
+    with written_in_place(out) as partial:
         with torch.no_grad():  # one pass per batch: the outputs and the thresholds each image is judged by
             scored = [deployed.scored(batch) for batch in inputs.split(VERIFY_BATCH)]
             expected = [deployed.outputs(out) for out in scored]
             judged_by = [deployed.rule.thresholds_for(out) for out in scored] if deployed.rule else []
         example = inputs[:1].expand(2, -1, -1, -1).contiguous()  # torch.export holds a batch of 1 to size 1
-        runtime = (to_onnx if fmt == "onnx" else to_torchscript)(deployed, example, Path(partial), detector)
+        runtime = (to_onnx if fmt == "onnx" else to_torchscript)(deployed, example, partial, detector)
         try:
             got = [runtime.run(batch) for batch in inputs.split(VERIFY_BATCH)]
         except Exception as exc:  # e.g. a batch size the graph fixed, or an op the runtime lacks
@@ -171,10 +226,6 @@ def export_detector(
         exported_time = time_calls(lambda: runtime.run(one))
         with torch.inference_mode():
             pytorch_time = time_calls(lambda: deployed(one))
-        os.replace(partial, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
     size = detector.config.dataset.image_size
     file_bytes = out.stat().st_size
     return ExportReport(
@@ -196,6 +247,21 @@ def export_detector(
         threads=torch.get_num_threads(),
         outputs=deployed.output_names,
     )
+
+
+@contextlib.contextmanager
+def written_in_place(out: Path) -> Iterator[Path]:
+    """A temporary file beside ``out`` to write and verify, moved into place only when the block succeeds: a failed
+    export leaves nothing, not even a partial file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    os.close(handle)
+    try:
+        yield Path(partial)
+        os.replace(partial, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
 
 
 def compare(
@@ -280,8 +346,22 @@ def onnx_weights_bytes(model) -> dict[str, int]:
     return sizes
 
 
+def keeps_stored_codes(node) -> bool | None:
+    """Constant folding's rule for a graph node: never decode stored codes (uint8, int8, fp16 values read as float32)
+    into float32 constants, so that the file holds the bytes ``memory_mb`` counts (``compression``); None leaves
+    every other node to the optimizer's own rule (it folds batch norms into fp32 convolutions, as before)."""
+    import onnx_ir as ir
+
+    coded = (ir.DataType.UINT8, ir.DataType.INT8, ir.DataType.FLOAT16)
+    if node.op_type == "Cast" and node.inputs and node.inputs[0] is not None and node.inputs[0].dtype in coded:
+        return False
+    return None
+
+
 def to_onnx(deployed: DeployedDetector, example: torch.Tensor, path: Path, detector: Detector) -> OnnxRuntime:
     """torch.export the deployed path with a free batch size, convert it to ONNX and load it in ONNX Runtime."""
+    from onnxscript.optimizer import optimize_ir
+
     try:
         with warnings.catch_warnings(), open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
@@ -291,8 +371,9 @@ def to_onnx(deployed: DeployedDetector, example: torch.Tensor, path: Path, detec
             )
             onnx_program = torch.onnx.export(
                 program, dynamo=True, input_names=["images"], output_names=list(deployed.output_names),
-                external_data=False,
+                external_data=False, optimize=False,
             )  # fmt: skip
+            optimize_ir(onnx_program.model, should_fold=keeps_stored_codes)
             onnx_program.save(str(path))
     except Exception as exc:
         raise ExportError(f"{describe(detector)} cannot export to ONNX: {blocker(exc)}") from None

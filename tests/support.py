@@ -71,12 +71,12 @@ def build(
     image_size: int = SIZE,
     weights: str = "imagenet",
     tasks: int | None = None,
-    compression: dict | None = None,
+    storage: dict | None = None,
     **params,
 ) -> AnomalyModel:
-    """A registered method with ``params`` over its defaults, as a run builds it; ``compression`` as the config's
-    section of that name."""
-    kept = CompressionConfig(**(compression or {}))
+    """A registered method with ``params`` over its defaults, as a run builds it; ``storage`` is the config's
+    ``compression`` section (a name of its own: CFA has a parameter called ``compression``)."""
+    kept = CompressionConfig(**(storage or {}))
     return build_model(name, params, Setup(backbone, weights, image_size, seed, tasks, compression=kept))
 
 

@@ -32,6 +32,10 @@ def config(model: str, backbone: str = "mobilenetv2_100", strategy: str = "finet
         (config("dinomaly", "vit_base_patch14_dinov2", "replay", 40), "Dinomaly + DINOv2 ViT-B, replay 40"),
         (config("stfpm", "phinet_1.2_0.5_6_downsampling"), "STFPM + PhiNet, finetune"),
         (config("my_method", "my_net"), "my_method + my_net, finetune"),  # names not in the catalog: as they are
+        (config("patchcore", continual="cl++", bank_size=10000) | {"compression": {"memory": "pq", "backbone": "int8"}},
+         "PatchCoreCL++ 10000 + MobileNetV2, finetune (pq memory, int8 backbone)"),
+        (config("paste", strategy="replay", replay=40) | {"compression": {"memory": "fp32", "replay": "jpeg"}},
+         "PaSTe + MobileNetV2, replay 40 (jpeg replay)"),
     ],
 )  # fmt: skip
 def test_config_name_reads_like_the_recommendations(nested, name):

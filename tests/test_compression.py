@@ -18,6 +18,7 @@ from cvad.continual.replay import ReplayBuffer
 from cvad.cost import price_config
 from cvad.detector import DETECTOR_FILE, load_detector
 from cvad.efficiency import memory_footprint
+from cvad.export import export_detector, verification_images
 from cvad.models.components.stored import Int8, ProductQuantizer, codec_for
 from cvad.trial import run_trial
 from support import as_float, build, builtin_images, image_task, tiny_config
@@ -98,7 +99,7 @@ def test_pq_refuses_features_that_do_not_split():
 
 def fitted(name: str, compression: dict | None = None, tasks: int = 2, **params):
     torch.manual_seed(0)
-    model = build(name, compression=compression, **params).eval()
+    model = build(name, storage=compression, **params).eval()
     for index in range(tasks):
         model.fit_task(image_task(index, 4, 60 + 80 * index))
     return model
@@ -135,7 +136,7 @@ def test_patchcore_bank_bytes_are_the_stored_codes_scales_and_codebooks():
 def test_a_compressed_fit_survives_its_fitted_state_and_fp32_keys_stay_as_they_were():
     compression = {"memory": "int8", "backbone": "int8"}
     model = fitted("patchcore", compression, **PATCHCORE_CL)
-    again = build("patchcore", compression=compression, **PATCHCORE_CL).eval()
+    again = build("patchcore", storage=compression, **PATCHCORE_CL).eval()
     again.load_fitted(model.fitted_state())
     images = as_float(builtin_images(2))
     with torch.no_grad():
@@ -147,7 +148,7 @@ def test_a_compressed_fit_survives_its_fitted_state_and_fp32_keys_stay_as_they_w
 
 def test_int8_backbone_stores_a_byte_per_weight_and_computes_with_the_dequantised_weights():
     plain = build("patchcore", **PATCHCORE_CL)
-    small = build("patchcore", compression={"backbone": "int8"}, **PATCHCORE_CL)
+    small = build("patchcore", storage={"backbone": "int8"}, **PATCHCORE_CL)
     codes = [m._buffers["weight"] for m in small.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
     assert codes and all(c.dtype == torch.uint8 for c in codes)
     stored = memory_footprint(small.stored_tensors()).bytes_by_part["backbone"]
@@ -172,8 +173,8 @@ def test_int8_backbone_features_stay_close_to_fp32():
     images = as_float(builtin_images(2))
     with torch.no_grad():
         plain = build("patchcore", **PATCHCORE_CL).backbone(images)
-        small = build("patchcore", compression={"backbone": "int8"}, **PATCHCORE_CL).backbone(images)
-        half = build("patchcore", compression={"backbone": "fp16"}, **PATCHCORE_CL).backbone(images)
+        small = build("patchcore", storage={"backbone": "int8"}, **PATCHCORE_CL).backbone(images)
+        half = build("patchcore", storage={"backbone": "fp16"}, **PATCHCORE_CL).backbone(images)
     for a, b, c in zip(plain, small, half):
         assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.97
         assert torch.nn.functional.cosine_similarity(a.flatten(), c.flatten(), dim=0) > 0.9999
@@ -278,6 +279,12 @@ def test_a_compressed_run_records_its_stored_bytes_and_its_detector_file_scores_
     assert priced["memory_bytes_by_part"]["backbone"] == parts["backbone"]
     assert priced["replay_priced_raw"] is True
     assert priced["memory_bytes_by_part"]["replay_buffer"] == 4 * 3 * 64 * 64 > parts["replay_buffer"]
+    # Its ONNX file stores the codes, not decoded floats: the stored tensors are memory_bytes less the replay buffer
+    # (training data, not part of the file), give or take the graph's shape constants (int64).
+    report = export_detector(detector, "onnx", tmp_path / "detector.onnx", verification_images(detector))
+    stored = sum(n for dtype, n in report.weights_bytes_by_dtype.items() if dtype != "int64")
+    assert report.weights_bytes_by_dtype["uint8"] > 0.5 * stored
+    assert abs(stored - (record.efficiency["memory_bytes"] - parts["replay_buffer"])) < 0.01 * stored
     again = run_trial(config, output_dir=tmp_path / "again")
     assert again.matrices == record.matrices  # deterministic, k-means and JPEG included
     assert np.isfinite(record.final["pixel_f1"])

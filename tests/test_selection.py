@@ -320,3 +320,15 @@ def test_the_registries_hold_what_the_catalog_names():
         assert METHODS.get(name) is entry.model_class() and issubclass(entry.model_class(), entry.spec_class())
         assert entry.title and catalog.method_title(name) == entry.title
     assert all(catalog.backbone_title(name) != name for name in BACKBONES)  # taps: tests/test_catalog.py
+
+
+def test_best_under_2_mb_is_a_compressed_trial_named_by_what_it_compresses(trials):
+    compressed = {"model.params.continual": "cl++", "model.params.bank_size": "10000", "compression.memory": "pq",
+                  "compression.backbone": "int8", "compression.replay": "raw"}  # fmt: skip
+    more = pd.concat([trials, pd.DataFrame([trial(9, "patchcore", 0.43, 1.24, 0.85, **compressed)])], ignore_index=True)
+    rec = recommend(more, "pixel_f1", Budget(max_mb=2))
+    assert list(rec.picks["trial"]) == [9]
+    assert rec.summary() == (
+        "under 2 MB: PatchCoreCL++ 10000 + MobileNetV2, finetune (pq memory, int8 backbone): pixel F1 0.430, "
+        "1.24 MB, 0.85 GFLOPs"
+    )

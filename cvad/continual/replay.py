@@ -94,10 +94,10 @@ class ReplayBuffer(Dataset):
 
     def state(self) -> dict:
         """What a detector file keeps of the buffer: the bytes the device stores per image, and their tasks."""
-        kept = {"images": self.images()} if self.jpeg_quality is None else {"jpeg": list(self.stored)}
-        return {"capacity": self.capacity, "task_ids": self.task_ids, "tasks": self.tasks_seen, **kept} | (
-            {} if self.jpeg_quality is None else {"jpeg_quality": self.jpeg_quality}
-        )
+        state = {"capacity": self.capacity, "task_ids": self.task_ids, "tasks": self.tasks_seen}
+        if self.jpeg_quality is None:
+            return state | {"images": self.images()}
+        return state | {"jpeg": list(self.stored), "jpeg_quality": self.jpeg_quality}
 
     @classmethod
     def from_state(cls, state: dict, image_size: int, seed: int) -> ReplayBuffer:

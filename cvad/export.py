@@ -148,6 +148,20 @@ class ExportReport:
         return {f"{prefix}_{name}": value for name, value in figures.items() if value is not None}
 
 
+def written_file(fmt: str, out: Path, input_kind: str, size: int, runtime: OnnxRuntime | TorchScriptRuntime) -> dict:
+    """The ``ExportReport`` fields of the file itself: where it is, what it takes, its bytes and its stored tensors."""
+    file_bytes = out.stat().st_size
+    return {
+        "format": fmt,
+        "path": str(out),
+        "input": f"{input_kind} [B, 3, {size}, {size}]",
+        "file_bytes": file_bytes,
+        "file_mb": file_bytes / 2**20,
+        "weights_bytes": sum(runtime.weights_bytes.values()),
+        "weights_bytes_by_dtype": runtime.weights_bytes,
+    }
+
+
 def check_export_options(fmt: str, precision: str, max_drop: float) -> None:
     """Refuse a format, precision or accepted drop this module cannot honour, before any work."""
     if fmt not in FORMATS:
@@ -226,16 +240,8 @@ def export_detector(
         exported_time = time_calls(lambda: runtime.run(one))
         with torch.inference_mode():
             pytorch_time = time_calls(lambda: deployed(one))
-    size = detector.config.dataset.image_size
-    file_bytes = out.stat().st_size
     return ExportReport(
-        format=fmt,
-        path=str(out),
-        input=f"{input_kind} [B, 3, {size}, {size}]",
-        file_bytes=file_bytes,
-        file_mb=file_bytes / 2**20,
-        weights_bytes=sum(runtime.weights_bytes.values()),
-        weights_bytes_by_dtype=runtime.weights_bytes,
+        **written_file(fmt, out, input_kind, detector.config.dataset.image_size, runtime),
         images_checked=len(inputs),
         max_abs_diff_scores=diffs[0],
         max_abs_diff_maps=diffs[1],

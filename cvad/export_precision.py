@@ -41,6 +41,7 @@ from cvad.export import (
     compare,
     describe,
     to_onnx,
+    written_file,
     written_in_place,
 )
 from cvad.metrics import f1_max, roc_auc
@@ -151,16 +152,8 @@ def export_reduced(
         with torch.inference_mode():
             pytorch_time = time_calls(lambda: deployed(one))
         fp32_bytes = fp32_file.stat().st_size
-    size = detector.config.dataset.image_size
-    file_bytes = out.stat().st_size
     return ExportReport(
-        format="onnx",
-        path=str(out),
-        input=f"{input_kind} [B, 3, {size}, {size}]",
-        file_bytes=file_bytes,
-        file_mb=file_bytes / 2**20,
-        weights_bytes=sum(runtime.weights_bytes.values()),
-        weights_bytes_by_dtype=runtime.weights_bytes,
+        **written_file("onnx", out, input_kind, detector.config.dataset.image_size, runtime),
         images_checked=sum(len(s.images) for s in test_sets),
         max_abs_diff_scores=diffs[0],
         max_abs_diff_maps=diffs[1],

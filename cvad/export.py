@@ -106,7 +106,7 @@ class ExportReport:
     max_drop: float | None = None
     accuracy: list[TaskAccuracy] = field(default_factory=list)  # per task, on all its test images
     decisions_differ: int | None = None  # test images the file decides otherwise than PyTorch (with thresholds)
-    quantized_nodes: int | None = None  # int8: backbone convolutions and matrix products computed in int8
+    quantized_nodes: int | None = None  # int8: backbone nodes run as int8 kernels (convolutions, matrix products, adds)
     calibration_images: int | None = None  # int8: training images the activation ranges were calibrated on
     fp32_file_bytes: int | None = None
     fp32_latency_ms: float | None = None  # batch 1, median, timed beside latency_ms

@@ -121,14 +121,14 @@ def reduced_lines(report, weights: str) -> list[str]:
     """An fp16/int8 export: size and latency against the fp32 file's, and each task's accuracy against PyTorch's."""
     how = {
         "fp16": "weights stored as float16, computed in float32",
-        "int8": f"{report.quantized_nodes} backbone convolutions/matrix products in int8, activation ranges from "
-        f"{report.calibration_images} training images; scoring in float32",
+        "int8": f"{report.quantized_nodes} backbone nodes run as int8 kernels (convolutions, matrix products, residual "
+        f"adds), activation ranges from {report.calibration_images} training images; scoring in float32",
     }[report.precision]
     lines = [
         f"  {report.precision}        {how}",
         f"  file        {report.file_mb:8.3f} MB  ({report.size_vs_fp32:.2f} x the fp32 file's "
         f"{report.fp32_file_bytes / 2**20:.3f} MB; stored tensors: {weights})",
-        f"  latency     {report.latency_ms:8.2f} ms at batch 1 ({report.speedup_vs_fp32:.2f} x faster than the fp32 "
+        f"  latency     {report.latency_ms:8.2f} ms at batch 1 (speed-up {report.speedup_vs_fp32:.2f} x over the fp32 "
         f"file's {report.fp32_latency_ms:.2f} ms; {report.threads} threads; PyTorch here: "
         f"{report.pytorch_latency_ms:.2f} ms)",
         f"  checked on all {report.images_checked} test images, each task against the fp32 PyTorch model "

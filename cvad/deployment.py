@@ -38,6 +38,11 @@ class ExportSource:
     run_id: str | None = None
     keep: tempfile.TemporaryDirectory | None = None  # downloaded artifacts live as long as the source
 
+    @property
+    def origin(self) -> str:
+        """Where the detector file came from, in words (a refusal of a file that is not what it claims names it)."""
+        return f"the artifacts of MLflow run {self.run_id}" if self.run_id else f"the folder {self.detector.parent}"
+
     def default_output(self, fmt: str, precision: str = "fp32") -> Path:
         """detector.onnx, or detector.int8.onnx at another precision, so that it stands beside the fp32 file."""
         tag = "" if precision == "fp32" else f"{precision}."
@@ -113,7 +118,7 @@ def deploy(
     check_export_options(file_format, precision, max_drop)
     store = TrackingStore(tracking_uri) if names_a_run(source) or register else None
     found = resolve_source(source, store)
-    detector = load_detector(found.detector)
+    detector = load_detector(found.detector, found.origin)
     say(f"cvad export: {found.detector} ({detector.model.name}, tasks {', '.join(detector.tasks)})")
     out = out or found.default_output(file_format, precision)
     if precision == "fp32":

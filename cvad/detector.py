@@ -27,6 +27,7 @@ from cvad.models import AnomalyModel, build_model
 from cvad.models.components.frozen import extractor_digest
 from cvad.record import TrialRecord
 from cvad.runtime import seed_everything  # the trial's seeding, so that random-weight networks come out the same
+from cvad.untrusted import UntrustedFileError, load_untrusted
 
 DETECTOR_FILE = "detector.pt"
 DETECTOR_FORMAT = "cvad-detector/2"
@@ -83,15 +84,17 @@ def detector_bytes(
     return buffer.getvalue()
 
 
-def load_detector(path: Path) -> Detector:
-    """Rebuild the fitted model stored in ``path``; its frozen extractors must be the very ones it was fitted on."""
+def load_detector(path: Path, origin: str = "a file given to cvad") -> Detector:
+    """Rebuild the fitted model stored in ``path``; its frozen extractors must be the very ones it was fitted on.
+
+    ``origin``: where the file came from, in words, for the refusal of a file that is not what it claims."""
     path = Path(path)
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content = load_untrusted(path, "a detector file", origin)
     except FileNotFoundError:
         raise DetectorError(f"no detector file at {path}") from None
-    except Exception as exc:
-        raise DetectorError(f"{path} is not a readable cvad detector file ({exc})") from None
+    except UntrustedFileError as exc:
+        raise DetectorError(str(exc)) from None
     if not isinstance(content, dict) or content.get("format") not in READABLE_FORMATS:
         found = content.get("format") if isinstance(content, dict) else type(content).__name__
         raise DetectorError(

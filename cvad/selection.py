@@ -122,7 +122,8 @@ def load_trials(tracking_uri: str, experiments: list[str] | None = None) -> pd.D
             "strategy": tags.get(Tag.STRATEGY, ""),
             "dataset": run.stream.dataset,
             "stream": run.stream,
-            "pretrained": tags.get(Tag.PRETRAINED) == "true",
+            # True/False once the record said which weights ran; None: it never trained (pruned, failed early)
+            "pretrained": {"true": True, "false": False}.get(tags.get(Tag.PRETRAINED)),
             "schema": run.schema,
             "error": tags.get(Tag.ERROR),
             "pruned": tags.get(Tag.PRUNED),  # why a sweep priced it over budget and never trained it
@@ -331,27 +332,44 @@ def recommend_streams(
     return [(n, recommend(of_stream(trials, s), metric, budget)) for n, s in chosen]
 
 
+def difference(value: float, above: float, unit: str) -> tuple[str, str] | None:
+    """How ``value`` differs from ``above`` in words: ("saves", "4.39 MB (60% less)") or ("costs", "11.1 MB more
+    (+370%)"); None when equal.
+
+    The percentage is of the pick above's figure: what is saved, or what is added, never the share kept."""
+    if value == above:
+        return None
+    change = value - above
+    share = abs(change) / above if above else None
+    if change < 0:
+        return "saves", f"{-change:.3g} {unit}" + (f" ({share:.0%} less)" if share is not None else "")
+    return "costs", f"{change:.3g} {unit} more" + (f" (+{share:.0%})" if share is not None else "")
+
+
 def reasons(picks: pd.DataFrame, metric: str) -> list[str]:
-    """What each pick wins and what it costs against the one ranked just above it."""
+    """What each pick saves and what it costs more than the one ranked just above it (MB, GFLOPs and the metric)."""
     label = METRIC_LABELS[metric]
     out = []
     previous = None
     for _, row in picks.iterrows():
         if previous is None:
             out.append(f"highest {label} within the budget")
+            previous = row
+            continue
+        said: dict[str, list[str]] = {"saves": [], "costs": []}
+        for column, unit in (("memory_mb", "MB"), ("gflops", "GFLOPs")):
+            found = difference(row[column], previous[column], unit)
+            if found is not None:
+                said[found[0]].append(found[1])
+        lower = previous[metric] - row[metric]
+        if lower > 0:
+            said["costs"].append(f"{lower:.3f} lower {label}")
+        parts = [f"{side} {' and '.join(items)}" for side, items in said.items() if items]
+        if not parts:
+            out.append(f"a tie with the one above (the same {label}, MB and GFLOPs)")
         else:
-            savings = []
-            if row["memory_mb"] < previous["memory_mb"]:
-                savings.append(
-                    f"{previous['memory_mb'] - row['memory_mb']:.3g} MB less "
-                    f"({row['memory_mb'] / previous['memory_mb']:.0%})"
-                )
-            if row["gflops"] < previous["gflops"]:
-                savings.append(
-                    f"{previous['gflops'] - row['gflops']:.3g} fewer GFLOPs ({row['gflops'] / previous['gflops']:.0%})"
-                )
-            cost = previous[metric] - row[metric]
-            out.append(f"{' and '.join(savings) or 'no saving'} than the one above, for {cost:.3f} lower {label}")
+            same = [] if lower > 0 else [f"the same {label}"]
+            out.append("against the one above: " + "; ".join(parts + same))
         previous = row
     return out
 

@@ -156,13 +156,15 @@ def continual_view(uri: str, trials: pd.DataFrame, metric: str, top: pd.Series |
             )
     if curves:
         st.plotly_chart(
-            px.line(
-                pd.DataFrame(curves),
-                x="after task",
-                y=METRIC_LABELS[metric],
-                color="trial",
-                markers=True,
-                title=f"{METRIC_LABELS[metric]} averaged over the tasks seen",
+            whole_steps(
+                px.line(
+                    pd.DataFrame(curves),
+                    x="after task",
+                    y=METRIC_LABELS[metric],
+                    color="trial",
+                    markers=True,
+                    title=f"{METRIC_LABELS[metric]} averaged over the tasks seen",
+                )
             ),
             width="stretch",
         )
@@ -201,6 +203,11 @@ def continual_view(uri: str, trials: pd.DataFrame, metric: str, top: pd.Series |
                 cols[i % len(cols)].image(str(image), caption=Path(path).stem)
 
 
+def whole_steps(figure: go.Figure) -> go.Figure:
+    """An x axis of tasks, steps or versions: ticks on whole numbers only (never "after task 1.5")."""
+    return figure.update_xaxes(dtick=1, tick0=1, tickformat="d")
+
+
 def update_view(uri: str, run_id: str) -> None:
     """What each training step (an update on the device) cost, and how each task's image threshold moved."""
     left, right = st.columns(2)
@@ -211,8 +218,15 @@ def update_view(uri: str, run_id: str) -> None:
     ]
     if costs:
         left.plotly_chart(
-            px.bar(
-                pd.DataFrame(costs), x="step", y="value", color="cost", barmode="group", title="update cost per step"
+            whole_steps(
+                px.bar(
+                    pd.DataFrame(costs),
+                    x="step",
+                    y="value",
+                    color="cost",
+                    barmode="group",
+                    title="update cost per step",
+                )
             ),
             width="stretch",
         )
@@ -325,7 +339,7 @@ def registry_view(uri: str, metric: str) -> None:
         chart, x="version", y="value", color="metric", markers=True, hover_data=["learned"],
         labels={"value": "mean over the tasks seen (last matrix row)"},
     )  # fmt: skip
-    st.plotly_chart(figure, width="stretch")
+    st.plotly_chart(whole_steps(figure), width="stretch")
     columns = ["version", "tasks", "learned", *dict.fromkeys(shown), *FORGETTING_METRICS]
     columns += ["image_threshold", "pixel_threshold", "update_seconds", "update_peak_mb", "memory_mb", "task_list"]
     st.dataframe(versions[[c for c in columns if c in versions]], hide_index=True, width="stretch")
@@ -409,9 +423,11 @@ def main() -> None:
             kept = trials[trials["projection_error"].notna()]
             reasons = "; ".join(f"{n}: {e}" for n, e in zip(kept["name"], kept["projection_error"]))
             st.warning(f"Kept as measured, not projected: {reasons}")
-        if not trials["pretrained"].all():
+        random = trials[trials["pretrained"].eq(False)]  # None: never trained (pruned), so no weights ran
+        if not random.empty:
+            named = ", ".join(f"{n} #{t}" for n, t in zip(random["name"], random["trial"]))
             st.warning(
-                "Some trials ran with random (untrained) backbone weights; "
+                f"{len(random)} trial(s) ran with random (untrained) backbone weights: {named}; "
                 "their figures do not reflect a pretrained model."
             )
         if not rec.picks.empty:

@@ -225,6 +225,26 @@ def answers(url: str) -> bool:
         return False
 
 
+class Gate:
+    """The gate of ``tests/gate/sitecustomize.py`` for the processes a test starts: their trials numbered ``first``
+    and up wait, once started, until ``open()``; ``reached(n)`` says trial n is waiting there."""
+
+    def __init__(self, folder: Path, first: int = 1) -> None:
+        self.folder, self.first = folder, first
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def env(self, base: dict | None = None) -> dict:
+        base = dict(os.environ if base is None else base)
+        path = os.pathsep.join(p for p in (str(Path(__file__).parent / "gate"), base.get("PYTHONPATH")) if p)
+        return base | {"PYTHONPATH": path, "CVAD_TEST_GATE": str(self.folder), "CVAD_TEST_GATE_FROM": str(self.first)}
+
+    def reached(self, number: int) -> bool:
+        return (self.folder / f"waiting.{number}").exists()
+
+    def open(self) -> None:
+        (self.folder / "open").touch()
+
+
 class Processes:
     """Long-running processes started in their own process groups, stopped by group id."""
 

@@ -125,6 +125,11 @@ def test_continual_view_opens_on_the_top_pick_with_curves_matrices_and_overlays(
     assert not at.exception
     assert len(at.get("plotly_chart")) == 3 + 5  # + curve, heatmap, forgetting bars, update cost, threshold drift
     assert len(at.get("image")) == 4  # the overlays: 2 tasks x 2 defective images
+    stepped = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    stepped = [
+        f for f in stepped if f["layout"].get("xaxis", {}).get("title", {}).get("text") in ("after task", "step")
+    ]
+    assert len(stepped) == 2 and all(f["layout"]["xaxis"]["dtick"] == 1 for f in stepped)  # never a tick at 1.5
     chooser.set_value([chooser.options[-1]]).run()
     assert not at.exception and len(at.get("plotly_chart")) == 3 + 5
 
@@ -172,17 +177,24 @@ def test_recommendation_says_how_to_deploy_each_pick(store, tmp_path, monkeypatc
     assert export == f"cvad export {folder}/run --format onnx"
 
 
-@pytest.fixture(scope="module")
-def two_streams(store, tmp_path_factory) -> str:
-    """A copy of the sweep's store plus one trial of the same sweep on another task list (a resumed 'tasks: all')."""
-    from cvad.tracking import Tag, TrackingStore
+def copied_store(store: str, folder: Path) -> tuple:
+    """A copy of the sweep's store in ``folder``: its URI, a TrackingStore on it, the sweep's experiment and run."""
+    from cvad.tracking import TrackingStore
 
-    copy = tmp_path_factory.mktemp("two-streams") / "mlflow.db"
+    copy = folder / "mlflow.db"
     shutil.copy(store.removeprefix("sqlite:///"), copy)
     uri = f"sqlite:///{copy}"
     tracker = TrackingStore(uri)
     experiment = tracker.open_experiment("dash")
-    parent = tracker.sweep_run(experiment)
+    return uri, tracker, experiment, tracker.sweep_run(experiment)
+
+
+@pytest.fixture(scope="module")
+def two_streams(store, tmp_path_factory) -> str:
+    """A copy of the sweep's store plus one trial of the same sweep on another task list (a resumed 'tasks: all')."""
+    from cvad.tracking import Tag
+
+    uri, tracker, experiment, parent = copied_store(store, tmp_path_factory.mktemp("two-streams"))
     config = {
         "dataset": {"name": "builtin", "tasks": ["brick"]}, "model": {"name": "padim", "params": {}},
         "backbone": {"name": "mobilenetv2_100"}, "strategy": {"name": "finetune"},
@@ -285,3 +297,31 @@ def test_in_a_real_browser(store, tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=20)
+
+
+def test_a_weights_warning_names_the_trials_it_is_true_of_and_a_pruned_trial_is_none(store, tmp_path, monkeypatch):
+    """A pruned trial never ran, so it ran no weights: it carries no cvad.pretrained tag and warns of nothing."""
+    import streamlit as st
+
+    from cvad.tracking import Tag
+
+    uri, tracker, experiment, parent = copied_store(store, tmp_path)
+    config = {
+        "dataset": {"name": "builtin", "tasks": ["brick", "grass"]}, "model": {"name": "cfa", "params": {}},
+        "backbone": {"name": "mobilenetv2_100"}, "strategy": {"name": "finetune"},
+    }  # fmt: skip
+    (stream,) = streams(load_trials(store))  # both runs on the sweep's own stream, as a sweep logs them
+    pruned = log_trial(tracker, experiment, parent, 7, config, sweep="dash", **{Tag.PRUNED: "99 MB > max_mb 20"})
+    tracker.log_stream(pruned, stream)
+    at = app(uri, monkeypatch)
+    assert not at.exception and not [w for w in at.warning if "random" in w.value]
+    figures = {"pixel_f1": 0.01, "image_f1": 0.01}
+    cost = {"memory_mb": 0.5, "gflops": 0.1}
+    random = log_trial(
+        tracker, experiment, parent, 8, config, cost, ["brick", "grass"], figures, pretrained=False, sweep="dash"
+    )
+    tracker.log_stream(random, stream)
+    st.cache_data.clear()  # the app caches the store's trials for a while, in this process too
+    at = app(uri, monkeypatch)
+    (warning,) = [w.value for w in at.warning if "random" in w.value]
+    assert warning.startswith("1 trial(s) ran with random (untrained) backbone weights: CFA") and "#8" in warning

@@ -90,7 +90,7 @@ def test_a_detector_refuses_a_backbone_it_was_not_fitted_on(run_dir, tmp_path):
     with pytest.raises(DetectorError, match="not the ones the detector was fitted on"):
         load_detector(tmp_path / DETECTOR_FILE)
     (tmp_path / "other.pt").write_bytes(b"not a detector")
-    with pytest.raises(DetectorError, match="not a readable cvad detector file"):
+    with pytest.raises(DetectorError, match="is not a PyTorch file cvad can read"):
         load_detector(tmp_path / "other.pt")
 
 

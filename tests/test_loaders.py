@@ -353,6 +353,51 @@ def test_a_corrupt_image_is_named_when_the_stream_is_listed(tmp_path: Path, wher
         load_task_stream(DatasetConfig(name="mvtec", root=tmp_path, tasks=["bottle"]))
 
 
+def cut_short(path: Path) -> None:
+    """Keep the header and half the data: the file opens and says its size, but its pixels do not decode."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def as_jpeg_cut_short(path: Path) -> None:
+    with Image.open(path) as im:
+        im.convert("RGB").save(path, format="JPEG")  # a JPEG under a .png name: Pillow reads by content
+    cut_short(path)
+
+
+def dangling_link(path: Path) -> None:
+    path.unlink()
+    path.symlink_to(path.parent / "gone.png")
+
+
+def folder_named_like_an_image(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+BROKEN = {
+    "truncated PNG": cut_short,
+    "truncated JPEG": as_jpeg_cut_short,
+    "empty file": lambda path: path.write_bytes(b""),
+    "text file": lambda path: path.write_text("not an image\n"),
+    "dangling symlink": dangling_link,
+    "folder": folder_named_like_an_image,
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+@pytest.mark.parametrize("where", ["train/good", "test/crack", "ground_truth/crack"])
+def test_every_kind_of_broken_file_is_named_at_listing_even_when_its_header_reads(tmp_path, kind, where) -> None:
+    from cvad.config import DatasetConfig
+    from cvad.data import load_task_stream
+
+    category = mvtec_category(tmp_path)
+    broken = sorted((category / where).iterdir())[0]
+    BROKEN[kind](broken)
+    with pytest.raises(DatasetError, match=f"{broken} cannot be read as an image .*; replace the file or remove it"):
+        load_task_stream(DatasetConfig(name="mvtec", root=tmp_path, tasks=["bottle"]))
+
+
 def test_a_mask_of_another_size_is_refused(tmp_path: Path) -> None:
     from cvad.config import DatasetConfig
     from cvad.data import load_task_stream
@@ -374,3 +419,29 @@ def test_a_test_set_of_good_images_only_is_explained(tmp_path: Path) -> None:
     shutil.rmtree(category / "ground_truth")
     with pytest.raises(DatasetError, match="test set of bottle holds only good images .* add defective test images"):
         load_task_stream(DatasetConfig(name="folder", root=tmp_path, tasks=["bottle"]))
+
+
+def test_names_with_spaces_and_non_ascii_and_symlinked_folders_list_and_read(tmp_path: Path) -> None:
+    """What a camera or a pipeline writes: 'Kratzer ä 01.png', Japanese names, a category folder that is a link."""
+    from cvad.config import DatasetConfig
+    from cvad.data import load_task_stream
+    from cvad.data.base import read_mask, read_rgb
+
+    real = make_mvtec_tree(tmp_path / "real", ("bottle",), n_train=2, n_test_good=1, defects=("crack",), n_defect=1)
+    crack = real / "bottle" / "test" / "crack" / "000.png"
+    crack.rename(crack.with_name("Kratzer ä 01.png"))
+    mask = real / "bottle" / "ground_truth" / "crack" / "000_mask.png"
+    mask.rename(mask.with_name("Kratzer ä 01_mask.png"))
+    good = real / "bottle" / "train" / "good" / "000.png"
+    good.rename(good.with_name("良品 画像.png"))
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "my bottle").symlink_to(real / "bottle", target_is_directory=True)
+    stream = load_task_stream(DatasetConfig(name="mvtec", root=linked, tasks=["my bottle"], image_size=32))
+    (split,) = stream.splits
+    listed = {sample.image.name for sample in (*split.train, *split.test)}
+    assert {"良品 画像.png", "Kratzer ä 01.png"} <= listed
+    image = read_rgb(linked / "my bottle" / "test" / "crack" / "Kratzer ä 01.png", 32)
+    assert image.shape == (3, 32, 32)
+    assert read_mask(linked / "my bottle" / "ground_truth" / "crack" / "Kratzer ä 01_mask.png", 32).any()
+    assert list(stream.tasks) == ["my bottle"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import Processes, alive_nodes, answers, free_port, require, tiny_sweep, wait_until
+from support import Gate, Processes, alive_nodes, answers, free_port, require, tiny_sweep, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -53,10 +53,15 @@ def postgres():
         check=True, capture_output=True,
     )  # fmt: skip
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200"
-    subprocess.run(
-        [*run, str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
-        check=True,
-    )
+    pg_ctl = [*run, str(PG_BIN / "pg_ctl"), "-D", str(data)]
+
+    def start() -> None:
+        subprocess.run([*pg_ctl, "-o", options, "-l", str(root / "log"), "-w", "start"], check=True)
+
+    def stop() -> None:
+        subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], check=True)
+
+    start()
     try:
         env = {**os.environ, "PGPASSWORD": password}
         for database in ("mlflow", "optuna"):
@@ -65,9 +70,10 @@ def postgres():
                 check=True,
                 env=env,
             )
-        yield {"url": f"postgresql://{USER}:{password}@127.0.0.1:{port}", "password": password}
+        url = f"postgresql://{USER}:{password}@127.0.0.1:{port}"
+        yield {"url": url, "password": password, "start": start, "stop": stop}
     finally:
-        subprocess.run([*run, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], check=False)
+        subprocess.run([*pg_ctl, "-m", "fast", "stop"], check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -124,3 +130,48 @@ def test_two_drivers_record_every_trial_once_in_both_postgresql_stores(postgres,
             assert all(run.info.status == "FINISHED" and "pixel_f1" in run.data.metrics for run in runs)
     finally:
         processes.stop_all()
+
+
+def test_a_study_database_stopped_mid_sweep_stops_the_driver_cleanly_and_resume_finishes_each_trial_once(
+    postgres, builtin_cache, tmp_path
+):
+    """PostgreSQL (the Optuna storage) stopped while trial 1 runs (held at tests/gate's gate), started again after."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    storage = f"{postgres['url']}/optuna"
+    path = tmp_path / "pg-lost.yaml"
+    path.write_text(yaml.safe_dump(tiny_sweep("pg-lost", builtin_cache, resources={"cpus_per_trial": 2})))
+    store, log, gate = tmp_path / "store", tmp_path / "driver.log", Gate(tmp_path / "gate")
+    args = [sys.executable, "-m", "cvad", "sweep", str(path), "--store", str(store), "--storage", storage]
+    args += ["--service-wait", "3"]
+    processes = Processes()
+    try:
+        driver = processes.start(args, log, gate.env())
+        wait_until(lambda: gate.reached(1) or driver.poll() is not None, 300, "trial 1 reaching the gate")
+        assert driver.poll() is None, log.read_text()
+
+        def recorded() -> bool:
+            trials = optuna.load_study(study_name="pg-lost", storage=storage).get_trials()
+            return any(t.number == 0 and t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+        wait_until(recorded, 60, "trial 0 recorded")
+        postgres["stop"]()
+        gate.open()
+        assert driver.wait(timeout=300) == 2, log.read_text()
+        said = log.read_text()
+        assert "lost the Optuna study storage postgresql://cvad:***@127.0.0.1" in said, said
+        assert postgres["password"] not in said and "Traceback" not in said
+    finally:
+        gate.open()
+        processes.stop_all()
+        postgres["start"]()
+    again = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    study = optuna.load_study(study_name="pg-lost", storage=storage)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pg-lost")
+    runs = client.search_runs([experiment.experiment_id], "tags.`cvad.role` = 'trial'", max_results=100)
+    finished = sorted(r.data.tags["mlflow.runName"][4:] for r in runs if r.info.status == "FINISHED")
+    assert len(finished) == len(set(finished)) == 4  # each configuration finished exactly once

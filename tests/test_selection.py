@@ -96,7 +96,12 @@ def test_best_under_20_mb(trials):
     assert list(rec.picks["trial"]) == [0, 1, 8, 5]
     assert rec.summary() == "under 20 MB: PaSTe + MobileNetV2, replay 100: pixel F1 0.450, 16.9 MB, 0.68 GFLOPs"
     assert rec.picks.loc[0, "why"] == "highest pixel F1 within the budget"
-    assert rec.picks.loc[1, "why"].startswith("8.6 MB less (49%) than the one above, for 0.010 lower pixel F1")
+    # Percentages of the figure above: 8.6 of 16.9 MB saved is 51% less (not the 49% kept).
+    assert list(rec.picks["why"][1:]) == [
+        "against the one above: saves 8.6 MB (51% less); costs 0.010 lower pixel F1",
+        "a tie with the one above (the same pixel F1, MB and GFLOPs)",
+        "against the one above: saves 5.2 MB (63% less) and 0.22 GFLOPs (32% less); costs 0.310 lower pixel F1",
+    ]
     assert rec.excluded == {
         "failed or unfinished": 1,
         "pruned before training (priced over the sweep's budget)": 0,
@@ -332,3 +337,24 @@ def test_best_under_2_mb_is_a_compressed_trial_named_by_what_it_compresses(trial
         "under 2 MB: PatchCoreCL++ 10000 + MobileNetV2, finetune (pq memory, int8 backbone): pixel F1 0.430, "
         "1.24 MB, 0.85 GFLOPs"
     )
+
+
+def test_a_pick_that_costs_more_of_one_budget_says_so_beside_what_it_saves():
+    """A front pick may trade one cost for another: it says both, each against the pick above it."""
+    from cvad.selection import reasons
+
+    picks = pd.DataFrame(
+        [
+            {"pixel_f1": 0.56, "memory_mb": 7.32, "gflops": 0.85},
+            {"pixel_f1": 0.55, "memory_mb": 2.93, "gflops": 0.85},
+            {"pixel_f1": 0.40, "memory_mb": 14.1, "gflops": 0.824},
+            {"pixel_f1": 0.30, "memory_mb": 14.1, "gflops": 0.0},
+            {"pixel_f1": 0.20, "memory_mb": 20.0, "gflops": 0.1},
+        ]
+    )
+    assert reasons(picks, "pixel_f1")[1:] == [
+        "against the one above: saves 4.39 MB (60% less); costs 0.010 lower pixel F1",
+        "against the one above: saves 0.026 GFLOPs (3% less); costs 11.2 MB more (+381%) and 0.150 lower pixel F1",
+        "against the one above: saves 0.824 GFLOPs (100% less); costs 0.100 lower pixel F1",
+        "against the one above: costs 5.9 MB more (+42%) and 0.1 GFLOPs more and 0.100 lower pixel F1",
+    ]

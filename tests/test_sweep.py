@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from cvad.config import ConfigError
 from cvad.sweep.runner import SweepError, SweepOptions, SweepRunner
 from cvad.sweep.spec import SweepSpec, load_sweep
 from layouts import make_mvtec_tree
-from support import run_sweep, tiny_sweep
+from support import Gate, run_sweep, tiny_sweep, wait_until
 
 CVAD = [sys.executable, "-m", "cvad"]
 
@@ -36,14 +37,9 @@ def study_of(store: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{store / 'optuna.db'}")
 
 
-def folder_dataset(root: Path, categories: tuple[str, ...] = ("cap", "nut"), truncated: bool = False) -> Path:
-    """A tiny dataset in the MVTec layout; ``truncated``: training images whose headers read but whose pixels do not."""
-    make_mvtec_tree(root, categories, n_train=3, n_test_good=2, n_defect=2, size=48)
-    if truncated:
-        for image in root.glob("*/train/good/*.png"):
-            image.write_bytes(
-                image.read_bytes()[:60]
-            )  # the PNG header and size survive: it fails only when a trial reads it
+def folder_dataset(root: Path, categories: tuple[str, ...] = ("cap", "nut"), masks: bool = True) -> Path:
+    """A tiny dataset in the MVTec layout; without ``masks`` it lists and trains, but no pixel metric is defined."""
+    make_mvtec_tree(root, categories, n_train=3, n_test_good=2, n_defect=2, size=48, masks=masks)
     return root
 
 
@@ -334,10 +330,11 @@ def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path, builtin_c
         builtin_cache,
         space={
             "model": {"name": "padim", "params": {"n_features": 8}},
-            # Its training images list fine (headers) but fail inside the worker, when a trial reads their pixels.
+            # The folder has no masks: it lists and trains, but the pixel F1 objective is undefined, so its trial
+            # fails after training, in the worker's result.
             "dataset": [
                 {"name": "builtin"},
-                {"name": "folder", "root": str(folder_dataset(tmp_path / "broken", truncated=True))},
+                {"name": "folder", "root": str(folder_dataset(tmp_path / "broken", masks=False))},
             ],
         },
     )
@@ -345,15 +342,16 @@ def test_a_failing_trial_is_recorded_and_the_others_complete(tmp_path, builtin_c
     assert (outcome.completed, outcome.failed) == (1, 1)
     assert not outcome.all_failed
     assert outcome.failure_summary().startswith(
-        "1 of 2 trials failed; the most common error, in 1 of them:\n  OSError: image file is truncated"
+        "1 of 2 trials failed; the most common error, in 1 of them:\n"
+        "  ValueError: objective pixel_f1 is None for this trial"
     )
     _, runs = mlflow_runs(tmp_path, "with-failure")
     status = {r.data.tags["cvad.dataset"]: r for r in runs if r.data.tags.get("cvad.role") == "trial"}
     assert status["builtin"].info.status == "FINISHED"
     assert status["folder"].info.status == "FAILED"
-    assert "truncated" in status["folder"].data.tags["cvad.error"]
+    assert "objective pixel_f1 is None" in status["folder"].data.tags["cvad.error"]
     (failed,) = study_of(tmp_path, "with-failure").get_trials(states=(TrialState.FAIL,))
-    assert failed.user_attrs["error"].startswith("OSError: image file is truncated")
+    assert failed.user_attrs["error"].startswith("ValueError: objective pixel_f1 is None for this trial")
 
 
 @pytest.mark.slow
@@ -362,7 +360,7 @@ def test_a_sweep_whose_every_trial_failed_exits_1_with_the_most_common_error(tmp
 
     from cvad.cli import cli
 
-    root = folder_dataset(tmp_path / "broken", truncated=True)
+    root = folder_dataset(tmp_path / "broken", masks=False)
     path = tmp_path / "all-fail.yaml"
     path.write_text(
         yaml.safe_dump(
@@ -375,8 +373,8 @@ def test_a_sweep_whose_every_trial_failed_exits_1_with_the_most_common_error(tmp
     assert result.exit_code == 1, result.output
     assert "0 trial(s) completed, 2 failed" in result.output
     assert (
-        "every trial failed (2); the most common error, in 2 of them:\n  OSError: image file is truncated"
-        in result.output
+        "every trial failed (2); the most common error, in 2 of them:\n"
+        "  ValueError: objective pixel_f1 is None for this trial" in result.output
     )
 
 
@@ -432,6 +430,9 @@ def test_configurations_over_budget_are_pruned_before_training(tmp_path, builtin
     _, runs = mlflow_runs(tmp_path, "budget")
     (run,) = [r for r in runs if "cvad.pruned" in r.data.tags]
     assert run.data.metrics["memory_mb"] == pytest.approx(large) and "pixel_f1" not in run.data.metrics  # never trained
+    # Visibly pruned in the MLflow UI: the runs list shows the name, the run page the description.
+    assert run.data.tags["mlflow.runName"].startswith(f"{pruned.number:03d} pruned: ")
+    assert run.data.tags["mlflow.note.content"].startswith(f"Pruned before training: {pruned.user_attrs['pruned']}")
     again = run_sweep(raw, tmp_path, resume=True)  # a pruned configuration is answered: not queued again
     assert (again.completed, again.pruned) == (1, 1)
     from cvad.selection import load_trials, recommend
@@ -514,41 +515,58 @@ def cut_mid_sweep(database: Path, name: str) -> bool:
     return any(t.state == TrialState.COMPLETE for t in trials) and bool(running)
 
 
+def trial_states(store: Path, name: str) -> list[tuple[int, TrialState]]:
+    return [(t.number, t.state) for t in study_of(store, name).get_trials()]
+
+
 @pytest.mark.slow
-def test_a_sweep_killed_with_sigkill_resumes_keeping_every_finished_trial(tmp_path, builtin_cache):
-    """No handler runs on SIGKILL: what the stores hold at that instant must be enough to resume."""
+def test_one_driver_per_sweep_and_a_driver_killed_with_sigkill_is_taken_over(tmp_path, builtin_cache):
+    """Trial 1 waits at a gate (tests/gate) once trial 0 is recorded, so every step below happens in one order on
+    any machine: a second driver is refused while the first lives; the first is killed with SIGKILL (no handler
+    runs); the next --resume takes its hold over and finishes each configuration exactly once."""
     raw = tiny_sweep("killed", builtin_cache, resources={"cpus_per_trial": 2})  # one trial at a time
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
-    store = tmp_path / "store"
-    log = tmp_path / "sweep.log"
+    store, log, gate = tmp_path / "store", tmp_path / "sweep.log", Gate(tmp_path / "gate")
     with log.open("w") as sink:
         # Its own session: the kill takes the driver and the local Ray it started, as a power cut would.
-        process = subprocess.Popen(
+        first = subprocess.Popen(
             [*CVAD, "sweep", str(path), "--store", str(store)],
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=gate.env(),
         )
-        deadline = time.monotonic() + 300
-        # The study is read only once the driver has made it (a reader would race it creating the schema).
-        while "trial 0 started" not in log.read_text() or not cut_mid_sweep(store / "optuna.db", "killed"):
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
+        try:
+            wait_until(lambda: gate.reached(1) or first.poll() is not None, 300, "trial 1 reaching the gate")
+            assert first.poll() is None, log.read_text()
+            wait_until(lambda: cut_mid_sweep(store / "optuna.db", "killed"), 60, "trial 0 recorded")
+            before = trial_states(store, "killed")
+
+            second = subprocess.run(
+                [*CVAD, "sweep", str(path), "--store", str(store), "--resume"],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert second.returncode == 2, second.stdout + second.stderr
+            assert f"being driven by pid {first.pid} on host {socket.gethostname()}, driving it since" in second.stderr
+            assert "Traceback" not in second.stderr
+            assert trial_states(store, "killed") == before  # refused before it asked the study for anything
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=60)
     trials = study_of(store, "killed").get_trials()
     kept = {t.number: t.user_attrs["mlflow_run_id"] for t in trials if t.state == TrialState.COMPLETE}
     running = [t for t in trials if t.state == TrialState.RUNNING]
-    assert 0 in kept and running, [(t.number, t.state) for t in trials]  # trial 0 recorded, another cut short
-    # The kill may land after the check: a trial asked but not yet given its run, or one whose run
-    # was FINISHED but Optuna not yet told. Only runs that had not finished are cut short.
-    _, before = mlflow_runs(store, "killed")
-    finished = {r.info.run_id for r in before if r.info.status == "FINISHED"}
-    cut = {run for t in running if (run := t.user_attrs.get("mlflow_run_id")) and run not in finished}
+    assert list(kept) == [0] and [t.number for t in running] == [1], [(t.number, t.state) for t in trials]
+    cut = {running[0].user_attrs["mlflow_run_id"]}
 
-    outcome = run_sweep(raw, store, resume=True)
+    said: list[str] = []
+    spec = SweepSpec(copy.deepcopy(raw))
+    outcome = SweepRunner(spec, SweepOptions(store_dir=store, resume=True), printer=said.append).run()
     assert (outcome.completed, outcome.failed) == (4, 0)
+    assert any(f"taking over from pid {first.pid} on host" in line for line in said), said
     client, runs = mlflow_runs(store, "killed")
     configs = trial_configs(runs)
     assert len(configs) == len(set(configs)) == 4  # each configuration finished exactly once
@@ -558,14 +576,15 @@ def test_a_sweep_killed_with_sigkill_resumes_keeping_every_finished_trial(tmp_pa
             resumed[number].user_attrs["mlflow_run_id"] == run_id and client.get_run(run_id).info.status == "FINISHED"
         )
     killed = {r.info.run_id for r in runs if r.info.status == "KILLED" and r.data.tags.get("cvad.role") == "trial"}
-    assert killed == cut  # exactly the attempts the kill cut short, marked as such
+    assert killed == cut  # exactly the attempt the kill cut short, marked as such
+    assert study_of(store, "killed").user_attrs["driver"] is None  # the hold given back at the end
 
     # Killed between writing MLflow and telling Optuna: the FINISHED run's record is read back, nothing reruns.
     from cvad.sweep.spec import objective_values
     from cvad.sweep.study import SweepStudy
     from cvad.tracking import TrackingStore
 
-    runner = SweepRunner(SweepSpec(copy.deepcopy(raw)), SweepOptions(store_dir=store), printer=lambda line: None)
+    runner = SweepRunner(spec, SweepOptions(store_dir=store), printer=lambda line: None)
     tracker = TrackingStore(runner.options.resolved_tracking_uri())
     record = tracker.finished_record(kept[0])
     storage = f"sqlite:///{store / 'optuna.db'}"

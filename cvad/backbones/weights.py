@@ -108,12 +108,12 @@ def reachable(url: str, timeout: float = HUB_PROBE_SECONDS) -> bool:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A plain state dict from a checkpoint file (raw, or under 'state_dict' / 'model')."""
+    from cvad.untrusted import UntrustedFileError, load_untrusted
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise WeightsError(
-            f"cannot read weights file {path}: {exc}. Give a PyTorch checkpoint (.pth/.pt) holding a state dict."
-        ) from exc
+        obj = load_untrusted(path, "a weights file", "backbone.weights in the run config")
+    except (UntrustedFileError, FileNotFoundError) as exc:
+        raise WeightsError(f"{exc}. Give a PyTorch checkpoint (.pth/.pt) holding a state dict.") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]

@@ -43,7 +43,7 @@ def learn(
     uri = resolve_tracking_uri(tracking_uri, store)
     try:
         found = resolve_source(source, TrackingStore(uri) if names_a_run(source) else None)
-        detector = load_detector(found.detector)
+        detector = load_detector(found.detector, found.origin)
     except (DeploymentError, DetectorError, RecordError, TrackingError) as exc:
         fail(str(exc))
     name = Path(source).name if Path(source).is_dir() else (found.run_id or found.detector.parent.name)

@@ -10,6 +10,7 @@ Layout per category::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cvad.data.base import CategorySplit, DatasetError, Sample
@@ -20,10 +21,11 @@ MASK_SUFFIX = "_mask.png"
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name; hidden and non-image files are skipped."""
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    """Entries named like images directly inside ``folder``, sorted by name; hidden and other files are skipped.
+
+    A link to nothing or a folder named like an image is listed too, so that the decode check names it rather
+    than the stream silently losing an image."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def list_subfolders(folder: Path) -> list[Path]:
@@ -99,7 +101,7 @@ class MVTecAD:
         """The mask of each defective image; refuses missing masks and masks without an image."""
         masks = [masks_dir / defect / f"{image.stem}{MASK_SUFFIX}" for defect, image in defective]
         for (_, image), mask in zip(defective, masks):
-            if not mask.is_file():
+            if not os.path.lexists(mask):  # a broken mask file (even a dead link) is named by the decode check
                 remedy = "add the mask or remove the image"
                 if not masks_dir.is_dir():
                     remedy += "; or read the dataset with FolderDataset, which accepts no ground_truth/"

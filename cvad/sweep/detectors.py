@@ -13,13 +13,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cvad.files import write_atomic
+from cvad.sweep.services import ServiceLost, short_error
 from cvad.sweep.study import SweepStudy, TrialAttrs
 from cvad.tracking import TrackingStore
 
 
 class DetectorKeeper:
-    def __init__(self, policy: str, store_dir: Path, store: TrackingStore, say: Callable[[str], None]) -> None:
-        self.policy, self.store_dir, self.store, self.say = policy, store_dir, store, say
+    """``say`` receives what it kept; ``warn(text, run_id)`` what it could not keep."""
+
+    def __init__(
+        self,
+        policy: str,
+        store_dir: Path,
+        store: TrackingStore,
+        say: Callable[[str], None],
+        warn: Callable[[str, str], None],
+    ) -> None:
+        self.policy, self.store_dir, self.store, self.say, self.warn = policy, store_dir, store, say, warn
 
     def staged(self, run_id: str) -> Path:
         """Where ``front`` keeps a completed trial's detector until the session knows the final front."""
@@ -43,9 +53,16 @@ class DetectorKeeper:
         staged = {run_id: path for run_id in run_ids if (path := self.staged(run_id)).is_file()}
         if not staged:
             return
-        kept = [run_id for t in study.best_trials() if (run_id := TrialAttrs.of(t).run_id) in staged]
-        for run_id in kept:
-            self.store.store_detector(run_id, staged[run_id].read_bytes())
+        front = [run_id for t in study.best_trials() if (run_id := TrialAttrs.of(t).run_id) in staged]
+        kept = []
+        for run_id in front:
+            try:
+                self.store.store_detector(run_id, staged[run_id].read_bytes())
+                kept.append(run_id)
+            except ServiceLost:
+                raise  # the staged files stay for --resume
+            except Exception as exc:
+                self.warn(f"the fitted detector of run {run_id} was not written to MLflow ({short_error(exc)})", run_id)
         for path in staged.values():
             path.unlink()
         if kept:

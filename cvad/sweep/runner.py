@@ -33,8 +33,11 @@ from cvad.record import RESULT_SCHEMA
 from cvad.stream import TaskStream, section_key
 from cvad.sweep.detectors import DetectorKeeper
 from cvad.sweep.executor import RayExecutor, error_text
+from cvad.sweep.hold import SweepHold
+from cvad.sweep.services import DEFAULT_WAIT, Patience, Patient, Service, ServiceLost, patient_storage, short_error
 from cvad.sweep.spec import SweepSpec, describe_dataset, objective_values
 from cvad.sweep.study import Ending, SweepError, SweepStudy, TrialAttrs, params_key, set_constraints
+from cvad.sweep.unsent import UnsentRecords
 from cvad.tracking import Tag, TrackingStore, resolve_tracking_uri, trial_tags
 
 if TYPE_CHECKING:
@@ -47,6 +50,14 @@ MAX_CONSECUTIVE_DUPLICATES = 50
 __all__ = ["SweepError", "SweepOptions", "SweepOutcome", "SweepRunner"]
 
 
+def best_effort(function: Callable, *args: object) -> None:
+    """What a stopping driver still tries to write: what fails is settled by the next ``--resume``."""
+    try:
+        function(*args)
+    except Exception:
+        pass
+
+
 @dataclass
 class SweepOptions:
     store_dir: Path = Path("runs")
@@ -55,6 +66,7 @@ class SweepOptions:
     address: str | None = None  # Ray cluster; default: RAY_ADDRESS, else a local Ray
     resume: bool = False
     n_trials: int | None = None  # total finished trials to reach (default: the spec's, or the grid)
+    service_wait: float = DEFAULT_WAIT  # seconds to wait for a lost tracking store or study storage
 
     def resolved_tracking_uri(self) -> str:
         return resolve_tracking_uri(self.tracking_uri, self.store_dir)
@@ -73,6 +85,7 @@ class SweepOutcome:
     interrupted: bool
     best: list[FrozenTrial] = field(default_factory=list)
     errors: list[tuple[str, int]] = field(default_factory=list)  # the failed trials' errors, most common first
+    warnings: list[str] = field(default_factory=list)  # what the driver could not write (and went on without)
 
     @property
     def all_failed(self) -> bool:
@@ -112,6 +125,7 @@ class TrialOutcome:
     output: TrialOutput | None  # None if it raised
     error: str | None = None  # the root error, one line
     details: str | None = None  # the error's full text
+    written: bool = False  # its run is FINISHED in MLflow with the whole record
 
 
 class SweepRunner:
@@ -131,13 +145,20 @@ class SweepRunner:
         self.timings: dict[str, float] = {}
         self.tasks: dict[str, list[str]] = {}  # section_key -> the category list pinned for the whole sweep
         self.streams: dict[TaskStream, TaskStream] = {}  # each listed stream (it is its own key)
+        self.warnings: list[str] = []
+        self.unsent = UnsentRecords(options.store_dir)
+        self.patience = Patience(options.service_wait, printer)
+        self.executor: RayExecutor | None = None
+        self.hold: SweepHold | None = None
+        self.parent: str | None = None  # the sweep's MLflow run
 
     # -- set-up ------------------------------------------------------------------------------
     def check_data(self) -> dict[str, list[str]]:
         """List every dataset section's task stream once, before anything is created or started.
 
-        Each distinct dataset section of the configurations the spec validated (grid points or the
-        ranges' ends) is read as a trial would list it; a ``DatasetError`` stops the sweep here.
+        Each distinct dataset section of the configurations the spec validated (grid points, the ranges'
+        ends, or a huge space's covering set) is read as a trial would list it; a ``DatasetError`` stops the
+        sweep here.
         Returns the concrete task list of each section, keyed by ``section_key``.
         """
         started = time.perf_counter()
@@ -150,7 +171,7 @@ class SweepRunner:
                 used = ""
                 if len(sections) > 1:
                     chosen = ", ".join(f"{k}={v}" for k, v in section.point.items())
-                    used = f" (used by {section.points} configuration(s), e.g. {chosen})"
+                    used = f" (used by {section.points} of the validated configuration(s), e.g. {chosen})"
                 raise SweepError(
                     f"{self.spec.source}: the dataset section {describe_dataset(section.config)}{used} "
                     f"cannot be read: {exc}\n"
@@ -172,15 +193,37 @@ class SweepRunner:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> SweepOutcome:
-        spec, settings = self.spec, self.spec.settings
+        """Run the sweep; a store that stays lost (``ServiceLost``) stops it cleanly, as a ``SweepError``."""
+        self.spec.n_trials(self.options.n_trials)  # a grid too large to run without a budget: refused here
         tasks = self.check_data()  # before the study, the MLflow experiment and Ray exist
         self.options.store_dir.mkdir(parents=True, exist_ok=True)  # Optuna's sqlite file, even with a remote MLflow
+        try:
+            try:
+                self.open_stores()
+                return self.drive(tasks)
+            except ServiceLost as lost:
+                raise SweepError(self.stop_lost(lost)) from None
+        finally:
+            self.release()
+
+    def open_stores(self) -> None:
+        """The MLflow experiment and the study, each behind ``patience``; then this driver's hold on the study."""
         started = time.perf_counter()
-        self.store = TrackingStore(self.options.resolved_tracking_uri())
-        self.experiment = self.store.open_experiment(spec.name, artifact_root=self.artifact_root())
-        self.study = SweepStudy.open(spec, self.options.resolved_storage(), self.options.resume)
+        uri = self.options.resolved_tracking_uri()
+        self.store = Patient(TrackingStore(uri), Service.tracking(uri), self.patience)
+        self.experiment = self.store.open_experiment(self.spec.name, artifact_root=self.artifact_root())
+        url = self.options.resolved_storage()
+        storage = patient_storage(url, self.patience)
+        self.study = SweepStudy.open(self.spec, storage, self.options.resume, shown=storage.service.name)
+        self.hold = SweepHold(self.study.study, self.spec.name, self.say)
+        self.hold.take()  # before the study is asked for anything
+        self.timings["store_setup"] = time.perf_counter() - started
+
+    def drive(self, tasks: dict[str, list[str]]) -> SweepOutcome:
+        spec, settings = self.spec, self.spec.settings
+        started = time.perf_counter()
         self.tasks = self.study.pin_tasks(tasks)
-        self.detectors = DetectorKeeper(settings.detectors, self.options.store_dir, self.store, self.say)
+        self.detectors = DetectorKeeper(settings.detectors, self.options.store_dir, self.store, self.say, self.warn)
         self.parent = self.study.parent_run
         if self.parent is None:
             sweep_tags = {Tag.SWEEP: spec.name, Tag.SAMPLER: settings.sampler.name, Tag.VERSION: cvad.__version__}
@@ -189,12 +232,13 @@ class SweepRunner:
             )
         else:
             self.store.reopen_sweep(self.parent)
+        self.send_unsent()
         self.study.recover_stale(self.store, self.say)
         self.remaining = self.study.queue_work(self.options.n_trials)
-        self.timings["store_setup"] = time.perf_counter() - started
+        self.timings["store_setup"] += time.perf_counter() - started
         self.say(
-            f"sweep {spec.name}: {self.remaining} trial(s) to run ({settings.sampler.name}), "
-            f"study {self.study.storage}, MLflow {self.store.uri} (experiment {spec.name})"
+            f"sweep {spec.name}: {self.remaining} trial(s) to run ({settings.sampler.name}); study in "
+            f"{self.study.storage}; runs in {self.store.service.name} (experiment {spec.name})"
         )
         if self.remaining == 0:
             self.detectors.keep_front(self.study)
@@ -217,6 +261,83 @@ class SweepRunner:
         self.store.end_sweep(self.parent, "FINISHED", summary)
         return outcome
 
+    def release(self) -> None:
+        """Give the hold back (at once: a lost storage keeps it, and the next driver takes it over)."""
+        if self.hold is None:
+            return
+        with self.patience.none():
+            try:
+                self.hold.release()
+            except Exception:  # the storage is away: the next --resume sees a dead holder and takes over
+                pass
+
+    def warn(self, text: str, run_id: str | None = None) -> None:
+        """Something the sweep goes on without (a file not written): said, kept for the outcome, tagged on the run."""
+        self.warnings.append(text)
+        self.say(f"warning: {text}")
+        if run_id is not None:
+            try:
+                self.store.set_tags(run_id, {Tag.WARNING: text[:4900]})
+            except ServiceLost:
+                raise
+            except Exception:  # the tag is a courtesy; the line above said it
+                pass
+
+    # -- a lost store ------------------------------------------------------------------------
+    def send_unsent(self) -> None:
+        """Records a driver that lost its MLflow store kept on disk: sent to their runs now, before anything reruns."""
+        run_ids = {TrialAttrs.of(t).run_id: t.number for t in self.study.trials(optuna.trial.TrialState.RUNNING)}
+        for run_id in self.unsent.run_ids():
+            if run_id not in run_ids:
+                continue  # another sweep's, in the same store folder
+            self.finish_in_mlflow(run_ids[run_id], run_id, self.unsent.output(run_id))
+            self.unsent.drop(run_id)
+            self.say(f"trial {run_ids[run_id]}: its record, kept when the tracking store was lost, is now in MLflow")
+
+    def stop_lost(self, lost: ServiceLost) -> str:
+        """Stop after a store stayed lost: finished trials recorded (in MLflow if it answers, else kept on disk for
+        ``--resume``), running ones stopped; returns the message for the user."""
+        sent, kept, dropped = [], [], []
+        with self.patience.none():
+            for outcome in self.pending:
+                if outcome.output is None or outcome.error is not None or outcome.written:
+                    continue  # failed trials rerun; written ones are recorded
+                number, run_id = outcome.running.trial.number, outcome.running.run_id
+                try:
+                    self.finish_in_mlflow(number, run_id, outcome.output)
+                    sent.append(number)
+                except Exception:
+                    try:
+                        self.unsent.keep(run_id, outcome.output)
+                        kept.append(number)
+                    except OSError as exc:
+                        dropped.append(f"trial {number} ({short_error(exc)})")
+            stopped = sorted(r.trial.number for r in self.running.values())
+            for ref, running in list(self.running.items()):
+                self.executor.cancel(ref)
+                best_effort(self.store.end_trial, running.run_id, "KILLED")
+                best_effort(self.study.interrupt, running.trial)
+            self.running.clear()
+            if self.parent is not None:
+                best_effort(self.store.end_sweep, self.parent, "KILLED", {})
+        lines = [str(lost), "the sweep stopped; nothing recorded before is lost"]
+        if sent:
+            lines.append(f"finished trial(s) {', '.join(map(str, sent))} are recorded in MLflow")
+        if kept:
+            lines.append(
+                f"finished trial(s) {', '.join(map(str, kept))} could not be recorded: their records are kept in "
+                f"{self.unsent.root} and are sent by --resume"
+            )
+        if dropped:
+            lines.append(f"could not keep the records of {', '.join(dropped)}: they rerun")
+        if stopped:
+            lines.append(f"running trial(s) {', '.join(map(str, stopped))} were stopped: they rerun")
+        lines.append(
+            f"once {lost.service.name} answers again, continue with "
+            f"`cvad sweep {self.spec.source} --resume` (and the same --store/--tracking-uri/--storage)"
+        )
+        return "\n  ".join(lines)
+
     def has_room(self) -> bool:
         """Whether a trial is still to submit and the cluster can run it now."""
         return self.submitted < self.remaining and len(self.running) < self.executor.capacity()
@@ -224,6 +345,7 @@ class SweepRunner:
     def fill(self) -> None:
         """Ask Optuna for trials and submit them while the cluster has room."""
         while self.has_room():
+            self.hold.check()  # never a trial asked for by a driver that no longer holds the sweep
             trial = self.study.study.ask()
             if self.finish_duplicate(trial):
                 self.duplicates += 1
@@ -238,6 +360,7 @@ class SweepRunner:
     def collect(self) -> None:
         """Wait briefly for a trial to finish, log the steps workers reported, take in the finished trials."""
         ready = self.executor.wait(list(self.running))
+        self.hold.renew()
         self.log_reports()
         self.pending += [self.conclude(ref) for ref in ready]
 
@@ -245,9 +368,9 @@ class SweepRunner:
         """Record the concluded trials (MLflow, then Optuna), then say where the sweep stands."""
         if not self.pending:
             return
-        for outcome in self.pending:
-            self.record(outcome)
-        self.pending.clear()
+        while self.pending:  # one at a time: a store lost midway leaves the rest pending for stop_lost
+            self.record(self.pending[0])
+            self.pending.pop(0)
         self.report()
 
     def finish_duplicate(self, trial: optuna.Trial) -> bool:
@@ -279,8 +402,9 @@ class SweepRunner:
         tags = trial_tags(config.to_dict(), self.spec.name, trial.number)
         if over_budget:
             tags |= {Tag.PRUNED: over_budget, Tag.SCHEMA: str(RESULT_SCHEMA)}
+        shown = f"pruned: {label}" if over_budget else label  # the MLflow UI's runs list shows the name first
         run_id = self.store.start_trial(
-            self.experiment, self.parent, f"{trial.number:03d} {label}", config.to_dict(), tags
+            self.experiment, self.parent, f"{trial.number:03d} {shown}", config.to_dict(), tags
         )
         attrs = TrialAttrs().write(trial, run_id=run_id, label=label)
         root = None if config.dataset.root is None else str(config.dataset.root)
@@ -292,8 +416,9 @@ class SweepRunner:
             attrs.write(trial, pruned=over_budget)
             set_constraints(trial, self.spec.settings.constraints.values(price))
             self.study.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            self.store.log_metrics(run_id, {k: price[k] for k in ("memory_mb", "memory_bytes", "gflops", "gmacs")})
-            self.store.end_trial(run_id, "FINISHED")
+            self.store.end_pruned(
+                run_id, over_budget, {k: price[k] for k in ("memory_mb", "memory_bytes", "gflops", "gmacs")}
+            )
             self.say(f"[{self.elapsed()}] trial {trial.number} pruned before training ({label}): {over_budget}")
             return
         ref = self.executor.launch(config.to_dict(), trial.number)
@@ -315,16 +440,21 @@ class SweepRunner:
         return ", ".join(reasons) + f" after {price['tasks']} tasks" if reasons else None
 
     def log_reports(self) -> None:
-        """Log the steps workers reported to their trials' runs."""
+        """Log the steps workers reported to their trials' runs; with the tracking store away they are skipped at once
+        (``record`` logs them from the trial's record), so a lost store never holds up the trials."""
         for report in self.executor.reports():
             running = next((r for r in self.running.values() if r.trial.number == report.number), None)
             if running is None:
                 continue
             previous = self.step_seen.setdefault(report.number, report.worker)
-            if previous != report.worker:  # Ray reran the trial elsewhere after losing its node
-                self.store.set_tags(running.run_id, {Tag.RETRIED: "true"})
-                self.step_seen[report.number] = report.worker
-            self.store.log_step(running.run_id, report.step, report.tasks, report.rows)
+            with self.patience.none():
+                try:
+                    if previous != report.worker:  # Ray reran the trial elsewhere after losing its node
+                        self.store.set_tags(running.run_id, {Tag.RETRIED: "true"})
+                        self.step_seen[report.number] = report.worker
+                    self.store.log_step(running.run_id, report.step, report.tasks, report.rows)
+                except ServiceLost:
+                    continue
             self.steps_logged.setdefault(report.number, set()).add(report.step)
             average = [v for v in report.rows["pixel_f1"] if v is not None]
             shown = f"{sum(average) / len(average):.3f}" if average else "-"
@@ -353,29 +483,57 @@ class SweepRunner:
         running, output = outcome.running, outcome.output
         number, run_id = running.trial.number, running.run_id
         seconds = time.perf_counter() - running.started
-        detector = None
-        if output is not None:
-            artifacts = dict(output.artifacts)
-            detector = artifacts.pop(DETECTOR_FILE, None)  # kept or not by sweep.detectors, below
-            record = output.record
-            self.store.set_tags(run_id, {Tag.WORKER: output.worker})
-            for step in (s.step for s in record.steps):  # steps whose live report was lost
-                if step not in self.steps_logged.get(number, set()):
-                    self.store.log_step(run_id, step, record.tasks, record.row(step))
-            self.store.log_result(run_id, record, artifacts)
         if outcome.error is not None:
+            if output is not None:
+                self.write_result(number, run_id, output)
             self.store.end_trial(run_id, "FAILED", outcome.error, outcome.details)
             self.study.tell_failure(running.trial, outcome.error)
             label = TrialAttrs.of(running.trial).label
             self.say(f"[{self.elapsed()}] trial {number} FAILED after {seconds:.0f}s ({label}): {outcome.error}")
             return
-        if detector is not None:
-            self.detectors.keep(run_id, detector)
-        self.store.end_trial(run_id, "FINISHED")
+        self.finish_in_mlflow(number, run_id, output)
+        outcome.written = True
         values = self.study.tell_record(running.trial, output.record)
         shown = ", ".join(f"{o.metric} {v:.4g}" for o, v in zip(self.spec.settings.objectives, values))
         weights = "" if output.record.pretrained else "  [RANDOM WEIGHTS]"
         self.say(f"[{self.elapsed()}] trial {number} done in {seconds:.0f}s: {shown}{weights}")
+
+    def finish_in_mlflow(self, number: int, run_id: str, output: TrialOutput) -> None:
+        """A completed trial's whole record in its run, its detector kept (``sweep.detectors``), the run FINISHED."""
+        detector = self.write_result(number, run_id, output)
+        if detector is not None:
+            try:
+                self.detectors.keep(run_id, detector)
+            except OSError as exc:
+                self.warn(
+                    f"trial {number}: its fitted detector was not kept ({short_error(exc)}): it cannot be exported "
+                    "from this sweep (cvad run of its config keeps one)",
+                    run_id,
+                )
+        self.store.end_trial(run_id, "FINISHED")
+
+    def write_result(self, number: int, run_id: str, output: TrialOutput) -> bytes | None:
+        """The trial's steps, final metrics and tags, then its files (a file that cannot be written is a warning,
+        the metrics stay); returns its fitted detector's bytes, if the worker sent one."""
+        artifacts = dict(output.artifacts)
+        detector = artifacts.pop(DETECTOR_FILE, None)  # kept or not by sweep.detectors
+        record = output.record
+        self.store.set_tags(run_id, {Tag.WORKER: output.worker})
+        for step in (s.step for s in record.steps):  # steps whose live report was lost
+            if step not in self.steps_logged.get(number, set()):
+                self.store.log_step(run_id, step, record.tasks, record.row(step))
+        self.store.log_outcome(run_id, record)
+        try:
+            self.store.log_files(run_id, record, artifacts)
+        except ServiceLost:
+            raise
+        except Exception as exc:
+            self.warn(
+                f"trial {number}: its files (result.json, config.yaml, matrices) were not written to MLflow "
+                f"({short_error(exc)}); its metrics and tags are recorded",
+                run_id,
+            )
+        return detector
 
     def interrupt(self) -> None:
         """Ctrl-C: log what finished, cancel the running trials and mark them interrupted."""
@@ -424,4 +582,5 @@ class SweepRunner:
             interrupted=interrupted,
             best=self.study.best_trials(),
             errors=Counter(str(TrialAttrs.of(t).error) for t in failed).most_common(),
+            warnings=list(self.warnings),
         )

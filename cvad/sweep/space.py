@@ -18,10 +18,10 @@ never share a name with different choices.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
-from collections.abc import Iterator
+import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,15 +67,17 @@ class Numeric:
     step: float | None
     log: bool
 
-    def grid_values(self) -> list[float]:
+    def grid_values(self) -> Sequence[float]:
+        """The steps from low to high; an int range's as a ``range``, so a range of a million seeds holds none."""
         if self.step is None:
             raise SpaceError(
                 f"space.{self.path}: the grid sampler needs finite values; "
                 f"give '{self.kind}' a 'step' or list the choices"
             )
+        if self.kind == "int":
+            return range(int(self.low), int(self.high) + 1, int(self.step))
         count = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
-        values = [self.low + i * self.step for i in range(count)]
-        return [int(v) for v in values] if self.kind == "int" else [round(v, 12) for v in values]
+        return [round(self.low + i * self.step, 12) for i in range(count)]
 
 
 @dataclass(frozen=True)
@@ -233,46 +235,121 @@ def sample(node: Node, trial: optuna.trial.BaseTrial, config: dict) -> None:
             sample(child, trial, config)
 
 
-def grid(node: Node) -> Iterator[dict[str, Any]]:
-    """Every point of the (conditional) product, as Optuna parameter dicts."""
-    if isinstance(node, Fixed):
-        yield {}
-    elif isinstance(node, Categorical):
-        for value in node.encoded():
-            yield {node.name: value}
-    elif isinstance(node, Numeric):
-        for value in node.grid_values():
-            yield {node.name: value}
-    elif isinstance(node, Alternatives):
-        for label, branch in zip(node.labels, node.branches):
-            for point in grid(branch):
-                yield {node.name: label, **point}
-    else:
-        for combo in itertools.product(*(list(grid(child)) for child in node.children)):
-            point: dict[str, Any] = {}
-            for part in combo:
-                point.update(part)
-            yield point
+def range_ends(node: Numeric) -> tuple[Any, ...]:
+    """A range's ends (one value when they meet): what validates a range without trying its every value."""
+    ends = (node.low, node.high) if node.low != node.high else (node.low,)
+    return tuple(int(value) for value in ends) if node.kind == "int" else ends
 
 
-def corners(node: Node) -> Iterator[dict[str, Any]]:
-    """The grid with numeric ranges reduced to their ends: enough to validate every branch."""
+def union(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    point: dict[str, Any] = {}
+    for part in parts:
+        point.update(part)
+    return point
+
+
+class Grid(Sequence):
+    """Every point of the (conditional) product, as Optuna parameter dicts, without holding them.
+
+    Its size is counted (alternatives add up, nested keys multiply) and point ``i`` is decoded from ``i``
+    in mixed radix, so a grid of a million points costs nothing until a point is asked for. The order is
+    that of nested loops over a mapping's keys (the last one fastest), one branch after another.
+    ``ends``: numeric ranges take only their ends (the corners that validate a space sampled otherwise).
+    """
+
+    def __init__(self, node: Node, ends: bool = False) -> None:
+        self.node, self.ends = node, ends
+        self.values: dict[int, Sequence] = {}  # id(parameter node) -> its values
+        self.sizes: dict[int, int] = {}  # id(node) -> how many points it has
+        self.size = self.count(node)
+
+    def count(self, node: Node) -> int:
+        if id(node) not in self.sizes:
+            if isinstance(node, (Categorical, Numeric)):
+                self.values[id(node)] = self.values_of(node)
+                size = len(self.values[id(node)])
+            elif isinstance(node, Alternatives):
+                size = sum(self.count(branch) for branch in node.branches)
+            elif isinstance(node, Mapping):
+                size = math.prod(self.count(child) for child in node.children)
+            else:
+                size = 1
+            self.sizes[id(node)] = size
+        return self.sizes[id(node)]
+
+    def values_of(self, node: Categorical | Numeric) -> Sequence:
+        if isinstance(node, Categorical):
+            return node.encoded()
+        return range_ends(node) if self.ends else node.grid_values()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -self.size <= index < self.size:
+            raise IndexError(f"grid point {index} of {self.size}")
+        return self.point(self.node, index % self.size)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to any sequence of the same points, as the list of points it stands for would be."""
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def point(self, node: Node, index: int) -> dict[str, Any]:
+        if isinstance(node, (Categorical, Numeric)):
+            return {node.name: self.values[id(node)][index]}
+        if isinstance(node, Alternatives):
+            for label, branch in zip(node.labels, node.branches):
+                if index < self.sizes[id(branch)]:
+                    return {node.name: label, **self.point(branch, index)}
+                index -= self.sizes[id(branch)]
+        if not isinstance(node, Mapping):
+            return {}
+        parts = []
+        for child in reversed(node.children):  # the last key is the lowest digit
+            index, digit = divmod(index, self.sizes[id(child)])
+            parts.append(self.point(child, digit))
+        return union(reversed(parts))
+
+
+def covering(node: Node, joint: str, ends: bool) -> list[dict[str, Any]]:
+    """A few points in which every branch and every value of every parameter (a range: its ends) appear at least once.
+
+    A mapping's keys are zipped, the shorter lists cycling, instead of multiplied: each branch's shape is
+    validated once, not at every combination. The config section ``joint`` is multiplied out (its whole
+    ``Grid``, ranges at their ``ends`` or not), so every combination of its values is among the points.
+    """
+    if node.path == joint or node.path.startswith(f"{joint}."):
+        return list(Grid(node, ends))
     if isinstance(node, Numeric):
-        ends = (node.low, node.high) if node.low != node.high else (node.low,)
-        for value in ends:
-            yield {node.name: int(value) if node.kind == "int" else value}
-    elif isinstance(node, Alternatives):
-        for label, branch in zip(node.labels, node.branches):
-            for point in corners(branch):
-                yield {node.name: label, **point}
-    elif isinstance(node, Mapping):
-        for combo in itertools.product(*(list(corners(child)) for child in node.children)):
-            point: dict[str, Any] = {}
-            for part in combo:
-                point.update(part)
-            yield point
-    else:
-        yield from grid(node)
+        return [{node.name: value} for value in range_ends(node)]
+    if isinstance(node, Alternatives):
+        return [
+            {node.name: label, **point}
+            for label, branch in zip(node.labels, node.branches)
+            for point in covering(branch, joint, ends)
+        ]
+    if isinstance(node, Mapping):
+        parts = [covering(child, joint, ends) for child in node.children]
+        width = max((len(part) for part in parts), default=1)
+        return [union(part[k % len(part)] for part in parts) for k in range(width)]
+    return list(Grid(node))
+
+
+def shuffled(size: int, seed: int) -> Iterator[int]:
+    """0 .. size-1 in a seeded random order, lazily: a Fisher-Yates shuffle that keeps only the entries it moved.
+
+    Each prefix is the same whatever is taken after it, so a larger budget on --resume extends the same draw.
+    """
+    rng = random.Random(seed)
+    moved: dict[int, int] = {}
+    for i in range(size):
+        j = rng.randrange(i, size)
+        drawn = moved.pop(j, j)
+        if j != i:
+            moved[j] = moved.pop(i, i)
+        yield drawn
 
 
 def describe_space(node: Node, indent: str = "") -> list[str]:

@@ -8,8 +8,9 @@ Layout (see sweeps/edge.yaml)::
     seed: 0
 
 ``--set dataset.name=mvtec`` overrides apply to the whole file before validation.
-Every configuration the space can produce is validated as a run config up front, so a
-typo in one branch fails before the first trial starts.
+Every configuration the space can produce is validated as a run config up front (a space too
+large for that: a covering set, each branch and value once), so a typo in one branch fails before
+the first trial starts.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,9 +38,10 @@ from cvad.config import (
 )
 from cvad.record import RECORD_METRICS, TrialRecord
 from cvad.stream import section_key
-from cvad.sweep.space import Node, SpaceError, corners, grid, parse_space, sample
+from cvad.sweep.space import Grid, Node, SpaceError, covering, parse_space, sample, shuffled
 
-MAX_VALIDATED_POINTS = 20_000
+MAX_FULL_VALIDATION = 10_000  # a space of more configurations is validated by its covering set, not point by point
+MAX_UNBUDGETED_GRID = 10_000  # a larger grid runs only with a trial budget, on a seeded random sample of its points
 
 
 class Objective(StrictModel):
@@ -191,11 +194,11 @@ class SweepSpec:
                 f"{source}: unknown top-level key(s) {sorted(unknown)}; a sweep file holds 'sweep', 'space' "
                 f"and run-config sections ({', '.join(RunConfig.model_fields)})"
             )
-        self.grid_points: list[dict] | None = None
+        self.grid_points: Grid | None = None
         self.datasets: dict[str, DataSection] = {}  # data_key -> section, filled by check_configs
         if self.settings.sampler.name == "grid":
             try:
-                self.grid_points = list(grid(self.space))
+                self.grid_points = Grid(self.space)
             except SpaceError as exc:
                 raise ConfigError(f"{source}: {exc}") from None
         self.check_configs()
@@ -223,26 +226,33 @@ class SweepSpec:
         if pinned is None:
             raise ConfigError(
                 f"dataset {describe_dataset(run.dataset)} was not checked when the sweep started "
-                f"(the space has more than {MAX_VALIDATED_POINTS} configurations to validate); "
-                "list the datasets as choices of a smaller space"
+                "(no configuration validated then had this dataset section); "
+                "list the datasets as choices of the space's dataset section"
             )
         if pinned == run.dataset.tasks:
             return run
         set_path(config, "dataset.tasks", list(pinned))
         return validate_config(config)
 
+    def validation_points(self) -> Sequence[dict]:
+        """What is validated before the sweep starts: every point (of the grid, or of the ranges' ends for the other
+        samplers) when that is cheap; else a covering set, each branch and value once and every dataset section,
+        since a million configurations validated one by one take a minute or more (a combination it misses fails
+        as its trial, before running)."""
+        points = self.grid_points if self.grid_points is not None else Grid(self.space, ends=True)
+        if len(points) <= MAX_FULL_VALIDATION:
+            return points
+        return covering(self.space, joint="dataset", ends=self.grid_points is None)
+
     def check_configs(self, tasks: dict[str, list[str]] | None = None) -> None:
-        """Validate every branch of the space (the whole grid, or the ranges' ends); note their dataset sections.
+        """Validate the ``validation_points``; note their dataset sections.
 
         With ``tasks`` (see ``config_for``) the configurations are validated on the pinned task lists.
         """
         import optuna
 
-        points = self.grid_points if self.grid_points is not None else corners(self.space)
         datasets: dict[str, DataSection] = {}
-        for count, point in enumerate(points):
-            if count >= MAX_VALIDATED_POINTS:
-                break
+        for point in self.validation_points():
             try:
                 config = self.config_for(optuna.trial.FixedTrial(point), tasks)
             except ConfigError as exc:
@@ -259,12 +269,34 @@ class SweepSpec:
         if tasks is None:
             self.datasets = datasets
 
+    @property
+    def needs_budget(self) -> bool:
+        """A grid too large to run whole: it runs only with a trial budget, on a sample of its points."""
+        return self.grid_points is not None and len(self.grid_points) > MAX_UNBUDGETED_GRID
+
     def n_trials(self, override: int | None = None) -> int:
-        if override is not None:
-            return override
-        if self.settings.n_trials is not None:
-            return self.settings.n_trials
-        return len(self.grid_points or [])
+        """Finished trials to reach: ``override`` (--max-trials), else sweep.n_trials, else the whole grid.
+
+        A grid too large to run whole without a budget is refused (ConfigError), which the CLI asks before
+        anything is created.
+        """
+        budget = override if override is not None else self.settings.n_trials
+        if budget is not None:
+            return budget
+        if self.needs_budget:
+            raise ConfigError(
+                f"{self.source}: the grid has {len(self.grid_points):,} configurations, more than the "
+                f"{MAX_UNBUDGETED_GRID:,} a sweep runs without a budget; pass --max-trials N (or set sweep.n_trials) "
+                f"to run N of them, drawn at random (seed sweep.sampler.seed = {self.settings.sampler.seed})"
+            )
+        return len(self.grid_points)
+
+    def run_order(self) -> Iterator[int]:
+        """The grid's point indices in the order a sweep takes them: as listed when it may run whole, else a seeded
+        random order (sweep.sampler.seed), so a budget spreads over the grid and --resume draws the same points."""
+        if not self.needs_budget:
+            return iter(range(len(self.grid_points)))
+        return shuffled(len(self.grid_points), self.settings.sampler.seed)
 
     def stored_form(self) -> dict:
         """What identifies the sweep for --resume: everything but the trial count and which detectors are kept."""

@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Any
 
 import optuna
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from cvad.record import TrialRecord
@@ -122,34 +123,45 @@ class SweepStudy:
     """One sweep's study in its storage."""
 
     def __init__(self, study: optuna.Study, spec: SweepSpec, storage: str) -> None:
+        """``storage``: where the study lives, as it may be printed (no password)."""
         self.study, self.spec, self.storage = study, spec, storage
 
     @classmethod
-    def open(cls, spec: SweepSpec, storage: str, resume: bool) -> SweepStudy:
-        """Create the study, or load it for ``resume``; a name taken without --resume, or another file, is refused."""
+    def open(cls, spec: SweepSpec, storage: str | BaseStorage, resume: bool, shown: str | None = None) -> SweepStudy:
+        """Create the study, or load it for ``resume``; a name taken without --resume, or another file, is refused.
+
+        ``shown``: the storage as messages name it (default: ``storage`` itself, a URL).
+        """
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        shown = shown or str(storage)
         exists = spec.name in optuna.study.get_all_study_names(storage)
         if exists and not resume:
             raise SweepError(
-                f"sweep {spec.name!r} already exists in {storage}; pass --resume to continue it, "
+                f"sweep {spec.name!r} already exists in {shown}; pass --resume to continue it, "
                 f"or --set sweep.name={spec.name}-2 to start another"
             )
         if resume and not exists:
-            raise SweepError(f"nothing to resume: no sweep {spec.name!r} in {storage}")
+            raise SweepError(f"nothing to resume: no sweep {spec.name!r} in {shown}")
         sampler = make_sampler(spec)
         if not exists:
-            study = optuna.create_study(
-                study_name=spec.name, storage=storage, directions=spec.directions, sampler=sampler
-            )
+            try:
+                study = optuna.create_study(
+                    study_name=spec.name, storage=storage, directions=spec.directions, sampler=sampler
+                )
+            except optuna.exceptions.DuplicatedStudyError:
+                raise SweepError(
+                    f"sweep {spec.name!r} was created in {shown} by another driver a moment ago; "
+                    "pass --resume to join it once that driver has stopped, or choose another sweep name"
+                ) from None
             study.set_user_attr(SPEC_ATTR, spec.stored_form())
         else:
             study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler)
             if study.user_attrs.get(SPEC_ATTR) != spec.stored_form():
                 raise SweepError(
-                    f"sweep {spec.name!r} in {storage} was started from a different sweep file or --set values; "
-                    "resume with the same ones (only --n-trials may change), or start a new sweep name"
+                    f"sweep {spec.name!r} in {shown} was started from a different sweep file or --set values; "
+                    "resume with the same ones (only --n-trials / --max-trials may change), or start a new sweep name"
                 )
-        return cls(study, spec, storage)
+        return cls(study, spec, shown)
 
     @property
     def parent_run(self) -> str | None:
@@ -233,26 +245,32 @@ class SweepStudy:
         self.study.tell(trial, state=TrialState.FAIL)
 
     def queue_work(self, n_trials: int | None) -> int:
-        """Enqueue what must (re)run; return how many trials this session may still finish."""
+        """Enqueue what this session must (re)run, and no more; return how many trials it may still finish.
+
+        A grid's points are taken in the spec's ``run_order`` (a huge grid's: a seeded random draw), so a budget
+        enqueues only its share of the grid, and --resume draws the same points again, skipping settled ones.
+        """
+        target = self.spec.n_trials(n_trials)  # a huge grid without a budget is refused before anything is enqueued
         trials = self.trials()
         settled = [t for t in trials if ending_of(t).settled]
         done = {params_key(t.params) for t in settled}
         # An enqueued trial has no params yet: Optuna keeps them as its "fixed_params".
         waiting = {params_key(t.system_attrs.get("fixed_params", {})) for t in trials if t.state == TrialState.WAITING}
-        if self.spec.grid_points is not None:
-            wanted = self.spec.grid_points
+        unique = len([t for t in settled if ending_of(t) != Ending.DUPLICATE])
+        remaining = max(0, target - unique)
+        grid = self.spec.grid_points
+        if grid is not None:
+            wanted = (grid[index] for index in self.spec.run_order())
         else:
-            wanted = [t.params for t in trials if ending_of(t) == Ending.INTERRUPTED]
+            wanted = (t.params for t in trials if ending_of(t) == Ending.INTERRUPTED)
         for params in wanted:
+            if len(waiting) >= remaining:
+                break
             key = params_key(params)
             if key not in done and key not in waiting:
                 self.study.enqueue_trial(params)
                 waiting.add(key)
-        unique = len([t for t in settled if ending_of(t) != Ending.DUPLICATE])
-        remaining = self.spec.n_trials(n_trials) - unique
-        if self.spec.grid_points is not None:
-            remaining = min(remaining, len(waiting))
-        return max(0, remaining)
+        return remaining if grid is None else min(remaining, len(waiting))
 
     def same_as_finished(self, trial: optuna.Trial) -> FrozenTrial | None:
         """A completed trial with ``trial``'s configuration (a sampler may propose one again), or None."""

@@ -204,12 +204,20 @@ class TrackingStore:
         self.log_metrics(run_id, values, step)
 
     def log_result(self, run_id: str, record: TrialRecord, artifacts: dict[str, bytes]) -> None:
-        """Final metrics, tags that need the run's outcome, and the artifacts (record, config, matrices, extras)."""
+        """Final metrics, tags that need the run's outcome (``log_outcome``), then the files (``log_files``)."""
+        self.log_outcome(run_id, record)
+        self.log_files(run_id, record, artifacts)
+
+    def log_outcome(self, run_id: str, record: TrialRecord) -> None:
+        """Final metrics, per-step update costs and the tags that need the run's outcome: no file is written."""
         self.log_metrics(run_id, record.final_metrics(), step=len(record.tasks) - 1)
         for step in record.steps:  # what each update cost, over the stream
             costs = {"step_update_seconds": step.train_seconds, "step_update_peak_mb": step.update_peak_mb}
             self.log_metrics(run_id, costs | {"step_update_state_mb": step.update_state_mb}, step=step.step)
         self.set_tags(run_id, {Tag.PRETRAINED: str(record.pretrained).lower(), Tag.SCHEMA: str(record.schema)})
+
+    def log_files(self, run_id: str, record: TrialRecord, artifacts: dict[str, bytes]) -> None:
+        """The run's artifacts: the record (result.json), its config, the matrices as CSV and the extras."""
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             (root / RECORD_FILE).write_text(record.to_text())
@@ -244,6 +252,17 @@ class TrackingStore:
         )
         context = InputTag("mlflow.data.context", "training")
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[context])])
+
+    def end_pruned(self, run_id: str, reason: str, price: dict[str, float]) -> None:
+        """Close a trial priced over the sweep's budget and never trained: its price as metrics, and the MLflow UI's
+        description saying so (the run's name starts with "pruned:"; tag ``cvad.pruned`` has the reason).
+
+        MLflow has no "pruned" status; FINISHED with those marks, never in a recommendation or on a front.
+        """
+        self.log_metrics(run_id, price)
+        note = f"Pruned before training: {reason}. Never trained: its metrics are the price cvad cost computed."
+        self.set_tags(run_id, {"mlflow.note.content": note})
+        self.client.set_terminated(run_id, status="FINISHED")
 
     def end_trial(self, run_id: str, status: str, error: str | None = None, details: str | None = None) -> None:
         """Close a trial's run; a failure keeps its one-line error as a tag and the full text as error.txt."""

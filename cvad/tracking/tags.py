@@ -28,6 +28,7 @@ class Tag:
     WORKER = "cvad.worker"  # the Ray node:pid that ran it
     RETRIED = "cvad.retried"  # true: Ray reran it after losing its node
     DETECTOR = "cvad.detector"  # stored: the run holds detector.pt
+    WARNING = "cvad.warning"  # what the driver could not write for the run (e.g. its artifacts on a full disk)
     REGISTERED = "cvad.registered"  # NAME:VERSION in the model registry
     PARENT = "mlflow.parentRunId"
 

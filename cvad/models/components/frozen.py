@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cvad.untrusted import load_untrusted
+
 DEFAULT_MEMORY_LIMIT_MB = 1024
 
 
@@ -76,7 +78,7 @@ class FeatureStore:
         if path is None or not path.is_file():
             return None
         self.loaded += 1
-        entry = torch.load(path, weights_only=True)
+        entry = load_untrusted(path, "a cached feature entry", f"the feature cache {path.parent.parent}")
         self._keep(key, entry)
         return entry
 

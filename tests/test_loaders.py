@@ -322,21 +322,6 @@ def test_task_stream_from_config_uses_presets_and_names_missing_categories(tmp_p
 # --- files that are not what they seem -----------------------------------------------------
 
 
-def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
-    """A 16-bit PNG (Pillow mode I;16) reads as the 8-bit image it depicts, not all white."""
-    from cvad.data.base import read_rgb
-
-    ramp = (np.arange(64, dtype=np.uint16)[None, :] * 1040).repeat(8, axis=0)  # 0 .. 65520 across the width
-    path = tmp_path / "ramp16.png"
-    Image.fromarray(ramp).save(path)  # uint16 -> mode I;16
-    with Image.open(path) as im:
-        assert im.mode.startswith("I")
-    pixels = read_rgb(path, 64)[0, 4].to(torch.int32)
-    expected = torch.from_numpy(np.rint(ramp[4] / 257.0).astype(np.int32))
-    assert (pixels - expected).abs().max() <= 2  # a ramp, to resampling precision
-    assert pixels[0] <= 2 and pixels[-1] >= 250
-
-
 def mvtec_category(tmp_path: Path) -> Path:
     return make_mvtec_tree(tmp_path, ("bottle",), n_train=2, n_test_good=1, defects=("crack",), n_defect=1) / "bottle"
 
@@ -445,3 +430,163 @@ def test_names_with_spaces_and_non_ascii_and_symlinked_folders_list_and_read(tmp
     assert image.shape == (3, 32, 32)
     assert read_mask(linked / "my bottle" / "ground_truth" / "crack" / "Kratzer ä 01_mask.png", 32).any()
     assert list(stream.tasks) == ["my bottle"]
+
+
+# --- every image mode and bit depth a camera or a pipeline writes ----------------------------
+
+BANDS = ((200, 30, 30), (30, 200, 30), (30, 30, 200), (240, 240, 240))  # four 8-px vertical bands
+GRAYS = (0, 85, 170, 255)
+
+
+def banded(values: tuple, dtype=np.uint8, scale: float = 1.0) -> np.ndarray:
+    """32x32 pixels of four vertical bands; each band's value times ``scale``."""
+    row = np.repeat(np.asarray(values, dtype=np.float64) * scale, 8, axis=0)
+    pixels = np.broadcast_to(row, (32, *row.shape))
+    return (pixels if np.issubdtype(dtype, np.floating) else np.rint(pixels)).astype(dtype)
+
+
+def png_16_bit(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit-per-channel PNG (gray, gray+alpha, RGB or RGBA by channel count), which Pillow cannot write."""
+    import struct
+    import zlib
+
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = pixels.reshape(32, 32 * channels).astype(">u2")
+    data = b"".join(b"\x00" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 32, 32, 16, colour_type, 0, 0, 0)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(data)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+
+
+def with_alpha(pixels: np.ndarray, opaque: int) -> np.ndarray:
+    alpha = np.full((*pixels.shape[:2], 1), opaque, pixels.dtype)
+    return np.concatenate([pixels if pixels.ndim == 3 else pixels[..., None], alpha], axis=2)
+
+
+def pillow(mode: str, values: tuple, fmt: str = "PNG", **save):
+    def write(path: Path) -> None:
+        image = Image.fromarray(banded(values))
+        palette = {"palette": Image.Palette.ADAPTIVE, "colors": 4} if mode == "P" else {}  # exact: four colours
+        image.convert(mode, **palette).save(path, format=fmt, **save)
+
+    return write
+
+
+def from_array(pixels: np.ndarray, fmt: str):
+    def write(path: Path) -> None:
+        Image.fromarray(pixels).save(path, format=fmt)
+
+    return write
+
+
+def palette_with_transparency(path: Path) -> None:
+    image = Image.fromarray(banded(BANDS)).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    image.save(path, format="PNG", transparency=0)
+
+
+def big_endian_tiff(path: Path) -> None:
+    import tifffile  # Pillow's own conversion to I;16B clips to 255
+
+    tifffile.imwrite(path, banded(GRAYS, np.uint16, 257).astype(">u2"), byteorder=">")
+
+
+def lab_tiff(path: Path) -> None:
+    from PIL import ImageCms
+
+    srgb_to_lab = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
+    ImageCms.applyTransform(Image.fromarray(banded(BANDS)), srgb_to_lab).save(path, format="TIFF")
+
+
+# name -> (writer, expected RGB of each band, tolerance in 8-bit levels)
+IMAGE_FILES = {
+    "RGB PNG": (pillow("RGB", BANDS), BANDS, 0),
+    "RGBA PNG": (pillow("RGBA", BANDS), BANDS, 0),
+    "8-bit gray PNG (L)": (pillow("L", GRAYS), GRAYS, 0),
+    "gray + alpha PNG (LA)": (pillow("LA", GRAYS), GRAYS, 0),
+    "palette PNG (P)": (pillow("P", BANDS), BANDS, 0),
+    "palette PNG with transparency": (palette_with_transparency, BANDS, 0),
+    "1-bit PNG": (pillow("1", (0, 255, 0, 255)), (0, 255, 0, 255), 0),
+    "16-bit gray PNG (I;16)": (from_array(banded(GRAYS, np.uint16, 257), "PNG"), GRAYS, 1),
+    "48-bit RGB PNG": (lambda p: png_16_bit(p, banded(BANDS, np.uint16, 257)), BANDS, 1),
+    "64-bit RGBA PNG": (lambda p: png_16_bit(p, with_alpha(banded(BANDS, np.uint16, 257), 65535)), BANDS, 1),
+    "32-bit gray+alpha PNG": (lambda p: png_16_bit(p, with_alpha(banded(GRAYS, np.uint16, 257), 65535)), GRAYS, 1),
+    "RGB JPEG": (pillow("RGB", BANDS, "JPEG", quality=95), BANDS, 12),
+    "gray JPEG": (pillow("L", GRAYS, "JPEG", quality=95), GRAYS, 6),
+    "CMYK JPEG": (pillow("CMYK", BANDS, "JPEG", quality=95), BANDS, 12),
+    "32-bit integer TIFF (I)": (from_array(banded(GRAYS, np.int32, 257), "TIFF"), GRAYS, 1),
+    "float TIFF in [0, 1] (F)": (from_array(banded(GRAYS, np.float32, 1 / 255), "TIFF"), GRAYS, 1),
+    "16-bit big-endian TIFF (I;16B)": (big_endian_tiff, GRAYS, 1),
+    "CIE L*a*b* TIFF": (lab_tiff, BANDS, 16),  # 8-bit L*a*b* holds saturated sRGB to about 13 levels
+    "BMP": (pillow("RGB", BANDS, "BMP"), BANDS, 0),
+    "GIF": (pillow("P", BANDS, "GIF"), BANDS, 0),
+    "WebP, lossless": (pillow("RGB", BANDS, "WEBP", lossless=True), BANDS, 0),
+}
+
+
+@pytest.mark.parametrize("kind", list(IMAGE_FILES))
+def test_every_image_mode_and_bit_depth_lists_and_reads_as_the_picture_it_holds(tmp_path: Path, kind: str) -> None:
+    """Pillow opens each file in its own mode; cvad reads each as the 8-bit RGB picture it depicts."""
+    from cvad.config import DatasetConfig
+    from cvad.data import load_task_stream
+    from cvad.data.base import read_rgb
+
+    write, expected, tolerance = IMAGE_FILES[kind]
+    category = mvtec_category(tmp_path)
+    image = category / "train" / "good" / "000.png"  # Pillow reads by content, whatever the suffix
+    write(image)
+    (split,) = load_task_stream(DatasetConfig(name="mvtec", root=tmp_path, tasks=["bottle"], image_size=32)).splits
+    assert image in {sample.image for sample in split.train}
+    pixels = read_rgb(image, 32).to(torch.int32)
+    for band, value in enumerate(expected):
+        want = torch.tensor(value if isinstance(value, tuple) else (value,) * 3, dtype=torch.int32)
+        got = pixels[:, 16, band * 8 + 4]
+        assert (got - want).abs().max() <= tolerance, f"{kind}: band {band} reads {got.tolist()}, not {want.tolist()}"
+
+
+def left_half(value, dtype=np.uint8) -> np.ndarray:
+    """A 32x32 mask: the left half ``value`` (the defect), the right half 0."""
+    mask = np.zeros((32, 32), dtype)
+    mask[:, :16] = value
+    return mask
+
+
+def palette_mask(path: Path) -> None:
+    """VisA-style: palette indices as class ids, index 0 black background."""
+    mask = Image.fromarray(left_half(1)).convert("P")
+    mask.putpalette([0, 0, 0, 255, 255, 255] + [0, 0, 0] * 254)
+    mask.save(path, format="PNG")
+
+
+MASK_FILES = {
+    "8-bit gray (L) 0/255": from_array(left_half(255), "PNG"),
+    "class ids 0/1 in 8 bits": from_array(left_half(1), "PNG"),
+    "1-bit": lambda p: Image.fromarray(left_half(255)).convert("1").save(p, format="PNG"),
+    "palette (P)": palette_mask,
+    "RGB white on black": lambda p: Image.fromarray(left_half(255)).convert("RGB").save(p, format="PNG"),
+    "RGBA, opaque": lambda p: Image.fromarray(left_half(255)).convert("RGBA").save(p, format="PNG"),
+    "gray + alpha (LA)": lambda p: Image.fromarray(left_half(255)).convert("LA").save(p, format="PNG"),
+    "16-bit class ids (I;16)": from_array(left_half(1, np.uint16), "PNG"),
+    "16-bit 0/65535": lambda p: png_16_bit(p, left_half(65535, np.uint16)),
+    "32-bit integer TIFF (I)": from_array(left_half(1, np.int32), "TIFF"),
+    "float TIFF (F)": from_array(left_half(1.0, np.float32), "TIFF"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MASK_FILES))
+def test_every_mask_mode_and_bit_depth_reads_its_defect_pixels(tmp_path: Path, kind: str) -> None:
+    from cvad.config import DatasetConfig
+    from cvad.data import load_task_stream
+    from cvad.data.base import read_mask
+
+    category = mvtec_category(tmp_path)
+    mask = category / "ground_truth" / "crack" / "000_mask.png"
+    MASK_FILES[kind](mask)
+    (split,) = load_task_stream(DatasetConfig(name="mvtec", root=tmp_path, tasks=["bottle"], image_size=32)).splits
+    assert mask in {sample.mask for sample in split.test}
+    defect = read_mask(mask, 32)
+    assert defect[:, :16].all() and not defect[:, 16:].any(), f"{kind}: the defect is not the left half"

@@ -189,3 +189,39 @@ def test_a_failed_overwrite_keeps_the_earlier_result_and_its_config(tmp_path):
     assert done.returncode == 2 and "nowhere" in done.stderr
     assert (out / "result.json").read_text() == '{"earlier": true}'
     assert (out / "config.yaml").read_text() == "earlier: true\n"  # still the config of the result beside it
+
+
+def test_an_image_that_breaks_after_listing_stops_the_run_naming_it_and_keeps_the_earlier_result(tmp_path, monkeypatch):
+    """A file that decoded at listing and is cut short mid-run (a copy still being written): exit 2 naming the file,
+    no traceback, and the earlier result in the output folder untouched."""
+    from typer.testing import CliRunner
+
+    import cvad.cli.run as run_command
+    from cvad.cli import cli
+    from cvad.progress import TrainStarted
+    from layouts import make_mvtec_tree
+
+    root = make_mvtec_tree(tmp_path / "data", ("bottle", "wood"), n_train=3, n_test_good=1, n_defect=1)
+    later = root / "wood" / "train" / "good" / "001.png"
+
+    class BreaksAFileOnTheFirstStep(run_command.ProgressPrinter):
+        def __call__(self, event) -> None:
+            super().__call__(event)
+            if isinstance(event, TrainStarted) and event.step == 0:
+                later.write_bytes(later.read_bytes()[:100])  # wood is read in step 2, after the listing passed
+
+    monkeypatch.setattr(run_command, "ProgressPrinter", BreaksAFileOnTheFirstStep)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result.json").write_text('{"earlier": true}')
+    (out / "config.yaml").write_text("earlier: true\n")
+    config = tmp_path / "mvtec.yaml"
+    raw = tiny_config(None, dataset={"name": "mvtec", "root": str(root), "tasks": ["bottle", "wood"], "image_size": 32})
+    config.write_text(json.dumps(raw))
+    done = CliRunner().invoke(cli, ["run", str(config), "--out", str(out), "--overwrite"])
+    assert done.exit_code == 2, done.output
+    assert "step 1: training on bottle" in done.output and "step 2: training on wood" in done.output
+    assert f"{later} no longer reads as an image" in done.output and "restore it" in done.output
+    assert done.exception is None or isinstance(done.exception, SystemExit)  # no traceback
+    assert (out / "result.json").read_text() == '{"earlier": true}'
+    assert (out / "config.yaml").read_text() == "earlier: true\n"

@@ -139,8 +139,15 @@ class ImageDataset:
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        return {
-            "image": read_rgb(sample.image, self.image_size),
-            "mask": read_mask(sample.mask, self.image_size),
-            "label": sample.label,
-        }
+        path = sample.image
+        try:
+            image = read_rgb(path, self.image_size)
+            path = sample.mask
+            mask = read_mask(path, self.image_size)
+        except Exception as exc:  # it decoded at listing (check_split): it changed or vanished since
+            raise DatasetError(
+                f"{path} no longer reads as an image ({type(exc).__name__}: {exc}); it decoded when the dataset was "
+                "listed, so it changed or went away during the run (a copy still being written?): restore it, or "
+                "remove it, and run again"
+            ) from None
+        return {"image": image, "mask": mask, "label": sample.label}

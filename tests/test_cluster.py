@@ -147,3 +147,29 @@ def test_an_unreachable_tracking_server_fails_before_any_trial(builtin_cache, tm
     assert result.returncode == 2
     assert "is unreachable" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "optuna.db").exists()  # nothing started
+
+
+def test_a_tracking_server_that_refuses_this_host_fails_before_any_trial(builtin_cache, tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--allowed-hosts", "mlflow:5000",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/health"), 120, "the MLflow server answering")
+        result = subprocess.run(
+            [
+                str(BIN / "cvad"), "sweep", str(sweep_file(tmp_path, "refused", builtin_cache)),
+                "--tracking-uri", f"http://127.0.0.1:{port}", "--store", str(tmp_path / "store"),
+            ],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "refuses cvad's requests (403" in result.stderr and f"'127.0.0.1:{port}'" in result.stderr
+    assert not (tmp_path / "store" / "optuna.db").exists()  # nothing started

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -53,6 +54,8 @@ def test_compose_file_resolves_to_the_whole_stack(tmp_path):
     assert "--address ray-head:6379" in command
     assert {"pgdata", "mlartifacts"} <= set(stack["volumes"])
     assert "--serve-artifacts" in services["mlflow"]["command"]
+    tracking_host = urlparse(services["ray-head"]["environment"]["MLFLOW_TRACKING_URI"]).netloc
+    assert tracking_host in services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     assert services["ray-head"]["environment"]["RAY_AUTH_MODE"] == "token"
 
 

@@ -49,15 +49,26 @@ def resolve_tracking_uri(uri: str | None = None, store_dir: Path = DEFAULT_STORE
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast (before any trial) when an HTTP tracking server does not answer."""
+    """Fail fast (before any trial) when an HTTP tracking server does not answer, or answers but refuses cvad's
+    requests (MLflow 3 refuses a Host header outside ``--allowed-hosts``; ``/health`` answers regardless)."""
     if urlparse(uri).scheme not in ("http", "https"):
         return
+    import urllib.error
     import urllib.request
 
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-            if response.status != 200:
-                raise TrackingError(f"MLflow server at {uri} answered {response.status} on /health")
+        for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
+            with urllib.request.urlopen(f"{base}{path}", timeout=timeout):
+                pass
+    except urllib.error.HTTPError as exc:
+        said = exc.read(300).decode(errors="replace").strip()
+        advice = (
+            f"a server started with --allowed-hosts must list {urlparse(uri).netloc!r}, the host this URI names"
+            if exc.code == 403
+            else "see the server's log"
+        )
+        raise TrackingError(f"MLflow server at {uri} refuses cvad's requests ({exc.code}: {said}); {advice}") from None
     except OSError as exc:
         raise TrackingError(
             f"MLflow server at {uri} is unreachable ({exc}); start it (e.g. `mlflow server --host 127.0.0.1 "

@@ -2,9 +2,9 @@
 
 With ``CVAD_TEST_GATE=DIR`` in the environment, every process that imports ``cvad.sweep.worker`` (the
 Ray workers of a driver the test started) runs trials numbered ``CVAD_TEST_GATE_FROM`` (default 1) and
-up only once ``DIR/open`` exists; each such trial first writes ``DIR/waiting.N``. So a test knows a
-trial is running, and cannot finish, until the test has done what it must (kill the driver, stop a
-server, fill a disk): no race against the machine's speed.
+up only once ``DIR/open`` exists; each such trial first writes ``DIR/waiting.N``, holding its host's name. So
+a test knows a trial is running, and where, and cannot finish, until the test has done what it must (kill the
+driver, stop a server, kill a worker, fill a disk): no race against the machine's speed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ def gated(run_trial_for_sweep):
 
     def run(config, number, *args, **kwargs):
         if number >= first:
-            (gate / f"waiting.{number}").touch()
+            (gate / f"waiting.{number}").write_text(socket.gethostname())
             while not (gate / "open").exists():
                 time.sleep(0.05)
         return run_trial_for_sweep(config, number, *args, **kwargs)

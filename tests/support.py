@@ -279,6 +279,16 @@ class Processes:
                 self.kill(process)
 
 
+def trial_runs(uri: str, experiment: str) -> tuple:
+    """The MLflow client of ``uri`` and the trial runs of ``experiment`` there (none while it does not exist)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], "tags.`cvad.role` = 'trial'", max_results=1000) if found else []
+    return client, runs
+
+
 def alive_nodes(address: str, env: dict) -> int:
     """Alive nodes of the Ray cluster at ``address`` (0 while it does not answer), asked from a fresh process."""
     result = subprocess.run(

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from cvad.sweep.hold import Driver
 from cvad.sweep.services import Patience, Service, ServiceLost, shown_url
-from support import Gate, Processes, answers, free_port, require, tiny_sweep, wait_until
+from support import Gate, Processes, answers, free_port, require, tiny_sweep, trial_runs, wait_until
 
 BIN = Path(sys.executable).parent
 CVAD = [sys.executable, "-m", "cvad"]
@@ -95,11 +95,7 @@ def resume(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def finished_trials(uri: str, name: str) -> tuple[object, list]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
-    runs = client.search_runs([experiment.experiment_id], "tags.`cvad.role` = 'trial'", max_results=100)
+    client, runs = trial_runs(uri, name)
     return client, [r for r in runs if r.info.status == "FINISHED"]
 
 

@@ -11,13 +11,14 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from cvad.sweep.reports import StepReport, TrialStarted, send
 from cvad.sweep.spec import Resources
 from cvad.sweep.study import SweepError
 
 if TYPE_CHECKING:
     from ray import ObjectRef
 
-    from cvad.sweep.worker import StepReport, TrialOutput
+    from cvad.sweep.worker import TrialOutput
 
 
 def error_text(exc: BaseException) -> str:
@@ -37,9 +38,10 @@ def import_trial_code() -> None:
 
 
 def run_trial_remote(config: dict, number: int, events: Any, threads: int, feature_cache: bool) -> TrialOutput:
-    """Ray entry point (module level so that workers import it by name)."""
-    from cvad.sweep.worker import run_trial_for_sweep
+    """Ray entry point (module level so that workers import it by name); each attempt first says where it runs."""
+    from cvad.sweep.worker import run_trial_for_sweep, worker_name
 
+    send(events, TrialStarted(number, worker_name()))
     return run_trial_for_sweep(config, number, events, threads=threads, feature_cache=feature_cache)
 
 
@@ -120,8 +122,8 @@ class RayExecutor:
     def cancel(self, ref: ObjectRef) -> None:
         self.ray.cancel(ref, force=True)
 
-    def reports(self) -> list[StepReport]:
-        """The step reports the workers sent since the last call; a lost channel is replaced (and says so)."""
+    def reports(self) -> list[TrialStarted | StepReport]:
+        """What the workers sent since the last call; a lost channel is replaced (and says so)."""
         try:
             return self.events.get_nowait_batch(self.events.qsize())
         except self.ray.exceptions.RayActorError:

@@ -34,6 +34,7 @@ from cvad.stream import TaskStream, section_key
 from cvad.sweep.detectors import DetectorKeeper
 from cvad.sweep.executor import RayExecutor, error_text
 from cvad.sweep.hold import SweepHold
+from cvad.sweep.reports import StepReport
 from cvad.sweep.services import DEFAULT_WAIT, Patience, Patient, Service, ServiceLost, patient_storage, short_error
 from cvad.sweep.spec import SweepSpec, describe_dataset, objective_values
 from cvad.sweep.study import Ending, SweepError, SweepStudy, TrialAttrs, params_key, set_constraints
@@ -138,7 +139,8 @@ class SweepRunner:
         self.submitted = 0
         self.duplicates = 0  # consecutive proposals of configurations that already ran
         self.running: dict[ObjectRef, RunningTrial] = {}
-        self.step_seen: dict[int, str] = {}  # trial number -> worker that reported its steps
+        self.ran_on: dict[int, str] = {}  # trial number -> the worker its latest attempt runs on
+        self.retried: set[int] = set()  # trials Ray reran after losing their node
         self.steps_logged: dict[int, set[int]] = {}  # trial number -> steps already logged live
         self.pending: list[TrialOutcome] = []  # concluded trials whose recording is still to do
         self.prices: dict[str, dict] = {}  # run config (JSON) -> its efficiency, priced before training
@@ -440,21 +442,31 @@ class SweepRunner:
         return ", ".join(reasons) + f" after {price['tasks']} tasks" if reasons else None
 
     def log_reports(self) -> None:
-        """Log the steps workers reported to their trials' runs; with the tracking store away they are skipped at once
-        (``record`` logs them from the trial's record), so a lost store never holds up the trials."""
+        """Log what workers reported to their trials' runs (where an attempt runs, each step); with the tracking
+        store away they are skipped at once (``record`` logs them from the trial's record), so a lost store never
+        holds up the trials."""
         for report in self.executor.reports():
             running = next((r for r in self.running.values() if r.trial.number == report.number), None)
             if running is None:
                 continue
-            previous = self.step_seen.setdefault(report.number, report.worker)
+            tags = {}
+            if self.ran_on.get(report.number) != report.worker:
+                tags[Tag.WORKER] = report.worker
+                if report.number in self.ran_on:  # a second worker: Ray reran the trial after losing a node
+                    self.retried.add(report.number)
+                    tags[Tag.RETRIED] = "true"
+                    self.say(f"[{self.elapsed()}] trial {report.number} rerun on {report.worker}: Ray lost its node")
+                self.ran_on[report.number] = report.worker
             with self.patience.none():
                 try:
-                    if previous != report.worker:  # Ray reran the trial elsewhere after losing its node
-                        self.store.set_tags(running.run_id, {Tag.RETRIED: "true"})
-                        self.step_seen[report.number] = report.worker
-                    self.store.log_step(running.run_id, report.step, report.tasks, report.rows)
+                    if tags:  # live, for a running trial's page; ``write_result`` sets them again
+                        self.store.set_tags(running.run_id, tags)
+                    if isinstance(report, StepReport):
+                        self.store.log_step(running.run_id, report.step, report.tasks, report.rows)
                 except ServiceLost:
                     continue
+            if not isinstance(report, StepReport):
+                continue
             self.steps_logged.setdefault(report.number, set()).add(report.step)
             average = [v for v in report.rows["pixel_f1"] if v is not None]
             shown = f"{sum(average) / len(average):.3f}" if average else "-"
@@ -518,7 +530,9 @@ class SweepRunner:
         artifacts = dict(output.artifacts)
         detector = artifacts.pop(DETECTOR_FILE, None)  # kept or not by sweep.detectors
         record = output.record
-        self.store.set_tags(run_id, {Tag.WORKER: output.worker})
+        self.store.set_tags(
+            run_id, {Tag.WORKER: output.worker} | ({Tag.RETRIED: "true"} if number in self.retried else {})
+        )
         for step in (s.step for s in record.steps):  # steps whose live report was lost
             if step not in self.steps_logged.get(number, set()):
                 self.store.log_step(run_id, step, record.tasks, record.row(step))

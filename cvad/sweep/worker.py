@@ -1,7 +1,7 @@
 """What a Ray worker runs for one trial: ``run_trial`` plus progress forwarding.
 
 The worker never talks to MLflow or Optuna: it sends per-step metrics to the driver
-through a queue and returns the result record with its artifact files as bytes.
+through a queue (``cvad.sweep.reports``) and returns the result record with its artifact files as bytes.
 """
 
 from __future__ import annotations
@@ -20,19 +20,8 @@ from cvad.backbones.weights import RandomWeightsWarning
 from cvad.config import validate_config
 from cvad.progress import Progress, StepDone
 from cvad.record import RECORD_FILE, TrialRecord
+from cvad.sweep.reports import StepReport, send
 from cvad.trial import run_trial
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """What a worker sends the driver after step ``step`` of trial ``number``: that step's row of
-    every metric's matrix."""
-
-    number: int
-    step: int
-    tasks: list[str]
-    rows: dict[str, list[float | None]]
-    worker: str  # Ray node:pid
 
 
 @dataclass(frozen=True)
@@ -44,13 +33,12 @@ class TrialOutput:
     worker: str
 
 
-def ray_node() -> str:
-    """The Ray node this process runs on (two nodes may share a host), or the host name outside Ray."""
+def worker_name() -> str:
+    """This process as ``node:pid``: the Ray node it runs on (two nodes may share a host), or the host outside Ray."""
     import ray
 
-    if ray.is_initialized():
-        return ray.get_runtime_context().get_node_id()[:12]
-    return os.uname().nodename
+    node = ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else os.uname().nodename
+    return f"{node}:{os.getpid()}"
 
 
 def run_trial_for_sweep(
@@ -65,15 +53,12 @@ def run_trial_for_sweep(
     """
     torch.set_num_threads(max(1, threads))
     run_config = validate_config(config)
-    worker = f"{ray_node()}:{os.getpid()}"
+    worker = worker_name()
 
     def forward(event: Progress) -> None:
         if isinstance(event, StepDone):
             rows = {metric: matrix[event.step] for metric, matrix in event.matrices.items()}
-            try:
-                events.put(StepReport(number, event.step, event.tasks, rows, worker))
-            except Exception:  # progress is best effort: the driver backfills lost steps from the record
-                pass
+            send(events, StepReport(number, event.step, event.tasks, rows, worker))
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # Random weights are recorded in the result (weights.pretrained) and flagged by the driver.

@@ -244,6 +244,11 @@ class Gate:
     def open(self) -> None:
         (self.folder / "open").touch()
 
+    def close(self) -> None:
+        """Hold trials again, forgetting the ones that waited before (a new sweep numbers its trials from 0)."""
+        for mark in [self.folder / "open", *self.folder.glob("waiting.*")]:
+            mark.unlink(missing_ok=True)
+
 
 class Processes:
     """Long-running processes started in their own process groups, stopped by group id."""

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -473,16 +472,14 @@ def test_ctrl_c_stops_cleanly_and_resume_reruns_only_the_interrupted(tmp_path, b
     )
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
-    store = tmp_path / "store"
+    store, gate = tmp_path / "store", Gate(tmp_path / "gate")  # trial 1 is held there: Ctrl-C always finds it running
     log = tmp_path / "sweep.log"  # a file, not a pipe: Ray's own processes may hold a pipe open after the driver exits
     with log.open("w") as sink:
         process = subprocess.Popen(
-            [*CVAD, "sweep", str(path), "--store", str(store)], stdout=sink, stderr=subprocess.STDOUT
+            [*CVAD, "sweep", str(path), "--store", str(store)], stdout=sink, stderr=subprocess.STDOUT, env=gate.env()
         )
-        deadline = time.monotonic() + 300
-        while "trial 1 started" not in log.read_text():  # interrupt while the second trial runs
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_until(lambda: gate.reached(1) or process.poll() is not None, 300, "trial 1 reaching the gate")
+        assert process.poll() is None, log.read_text()
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 130, log.read_text()
     assert "--resume" in log.read_text()

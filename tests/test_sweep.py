@@ -476,12 +476,19 @@ def test_ctrl_c_stops_cleanly_and_resume_reruns_only_the_interrupted(tmp_path, b
     log = tmp_path / "sweep.log"  # a file, not a pipe: Ray's own processes may hold a pipe open after the driver exits
     with log.open("w") as sink:
         process = subprocess.Popen(
-            [*CVAD, "sweep", str(path), "--store", str(store)], stdout=sink, stderr=subprocess.STDOUT, env=gate.env()
-        )
-        wait_until(lambda: gate.reached(1) or process.poll() is not None, 300, "trial 1 reaching the gate")
-        assert process.poll() is None, log.read_text()
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=120) == 130, log.read_text()
+            [*CVAD, "sweep", str(path), "--store", str(store)],
+            stdout=sink, stderr=subprocess.STDOUT, env=gate.env(),
+            # as from a terminal's foreground: a background shell (a CI job's, perhaps) passes SIGINT on ignored
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        try:
+            wait_until(lambda: gate.reached(1) or process.poll() is not None, 300, "trial 1 reaching the gate")
+            assert process.poll() is None, log.read_text()
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=120) == 130, log.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
     assert "--resume" in log.read_text()
     study = study_of(store, "interrupted")
     states = [t.state for t in study.get_trials()]

@@ -101,7 +101,9 @@ class RayExecutor:
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        here = NodeAffinitySchedulingStrategy(self.ray.get_runtime_context().get_node_id(), soft=True)
+        # Hard: a soft preference lets Ray put it on any node (seen on a head with no CPUs), and a lost worker
+        # node then took the progress of every running trial with it. The driver always has a node of its own.
+        here = NodeAffinitySchedulingStrategy(self.ray.get_runtime_context().get_node_id(), soft=False)
         return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
     def launch(self, config: dict, number: int) -> ObjectRef:
